@@ -1,0 +1,78 @@
+import { closeSync, chmodSync, mkdirSync, openSync } from 'node:fs';
+import { dirname } from 'node:path';
+import SqliteDatabase from 'better-sqlite3';
+import { Kysely, Migrator, SqliteDialect } from 'kysely';
+import { migrationProvider } from './migrations';
+import type { Database } from './schema';
+
+/**
+ * The dialect seam. Everything that knows which database engine is underneath lives in this file:
+ * opening it, its pragmas, and how its errors are classified. Services and repositories only see
+ * Kysely<Database> and the two predicates below, so a PostgreSQL dialect slots in here.
+ */
+export type Db = Kysely<Database>;
+
+export interface Storage {
+  readonly db: Db;
+  readonly dialect: 'sqlite';
+  close(): Promise<void>;
+}
+
+export function openSqlite(path: string): Storage {
+  if (path !== ':memory:') prepareDatabaseFile(path);
+  const sqlite = new SqliteDatabase(path);
+  if (path !== ':memory:') sqlite.pragma('journal_mode = WAL');
+  // FULL: an acknowledged mint or revocation must survive a power cut, not just a crash. Writes are
+  // admin actions, rare next to reads, so the extra fsync costs nothing that matters.
+  sqlite.pragma('synchronous = FULL');
+  sqlite.pragma('foreign_keys = ON');
+  sqlite.pragma('busy_timeout = 5000');
+  const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) });
+  return {
+    db,
+    dialect: 'sqlite',
+    // Kysely's destroy closes the better-sqlite3 handle, which checkpoints the WAL.
+    close: () => db.destroy(),
+  };
+}
+
+/** The file is created before SQLite opens it, so there is no moment where others can read it. */
+function prepareDatabaseFile(path: string): void {
+  mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+  closeSync(openSync(path, 'a', 0o600));
+  // An existing file keeps its mode on open: tighten it. SQLite gives its -wal and -shm files the
+  // same mode as the database file.
+  chmodSync(path, 0o600);
+}
+
+export async function migrateToLatest(db: Db): Promise<void> {
+  const migrator = new Migrator({ db, provider: migrationProvider });
+  const { error, results } = await migrator.migrateToLatest();
+  const failed = results?.find((r) => r.status === 'Error');
+  if (error || failed) {
+    const cause = error instanceof Error ? error.message : String(error ?? 'unknown error');
+    throw new Error(`database migration ${failed?.migrationName ?? ''} failed: ${cause}`);
+  }
+}
+
+function sqliteCode(err: unknown): string {
+  if (typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string') return err.code;
+  return '';
+}
+
+export function isUniqueViolation(err: unknown): boolean {
+  const code = sqliteCode(err);
+  return code === 'SQLITE_CONSTRAINT_UNIQUE' || code === 'SQLITE_CONSTRAINT_PRIMARYKEY';
+}
+
+const UNAVAILABLE_CODES = /^SQLITE_(BUSY|LOCKED|IOERR|FULL|READONLY|CORRUPT|NOTADB|CANTOPEN|PROTOCOL|NOMEM)/;
+
+/**
+ * Storage that cannot answer right now. The caller must turn this into 503, never into "invalid key":
+ * a client told its key is bad while the disk is full would throw the key away.
+ */
+export function isStorageUnavailable(err: unknown): boolean {
+  if (UNAVAILABLE_CODES.test(sqliteCode(err))) return true;
+  const message = err instanceof Error ? err.message : '';
+  return message.includes('database connection is not open') || message.includes('driver has already been destroyed');
+}

@@ -1,0 +1,48 @@
+import type { Generated, Insertable, Selectable, Updateable } from 'kysely';
+
+/**
+ * Times are ISO 8601 UTC strings with milliseconds (`2026-11-23T02:54:32.123Z`): they sort as text,
+ * read the same in SQLite and PostgreSQL, and need no driver-specific parsing.
+ */
+export interface UsersTable {
+  id: Generated<number>;
+  email: string;
+  /** Lower-cased email, unique; NULL once the user is deleted so the address can be used again. */
+  email_lower: string | null;
+  name: string | null;
+  max_concurrent_bots: number;
+  /** JSON text of the self-hoster's free-form object. */
+  data: string | null;
+  disabled_at: string | null;
+  deleted_at: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface TokensTable {
+  id: Generated<number>;
+  user_id: number;
+  name: string | null;
+  /** Public part of the token, unique: the one indexed lookup that finds it. */
+  selector: string;
+  /** bcrypt hash of the secret part; the token itself is never stored. */
+  secret_hash: string;
+  last4: string;
+  environment: 'live' | 'test';
+  /** Space-separated scope names. */
+  scopes: string;
+  created_at: string;
+  expires_at: string | null;
+  revoked_at: string | null;
+}
+
+export interface Database {
+  users: UsersTable;
+  tokens: TokensTable;
+}
+
+export type UserRow = Selectable<UsersTable>;
+export type NewUserRow = Insertable<UsersTable>;
+export type UserUpdate = Updateable<UsersTable>;
+export type TokenRow = Selectable<TokensTable>;
+export type NewTokenRow = Insertable<TokensTable>;

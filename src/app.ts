@@ -1,0 +1,90 @@
+import express, { type Express, type NextFunction, type Request, type Response } from 'express';
+import helmet from 'helmet';
+import type { Db } from '../db/database';
+import { requireAdmin } from './auth/admin-auth';
+import { TokenVerifier } from './auth/token-verifier';
+import { requireUser } from './auth/user-auth';
+import { type Clock, systemClock } from './clock';
+import type { Config } from './config';
+import { docsRouter } from './docs/docs.routes';
+import { healthHandlers, type Lifecycle } from './health/health.routes';
+import { errorHandler } from './http/error-handler';
+import { AppError, unavailable } from './http/errors';
+import { mountOperations } from './http/operations';
+import { requestId, requestLog } from './http/request-context';
+import { createLogger, type Logger } from './logger';
+import { meHandlers } from './me/me.routes';
+import { listOperations, loadSpec } from './openapi/spec';
+import { bcryptHasher, type SecretHasher } from './tokens/secret-hasher';
+import { tokensHandlers } from './tokens/tokens.routes';
+import { TokensService } from './tokens/tokens.service';
+import { usersHandlers } from './users/users.routes';
+import { UsersService } from './users/users.service';
+
+export interface AppDeps {
+  config: Config;
+  db: Db;
+  clock?: Clock;
+  hasher?: SecretHasher;
+  logger?: Logger;
+  lifecycle?: Lifecycle;
+}
+
+export interface KeywardApp extends Express {
+  readonly verifier: TokenVerifier;
+}
+
+/**
+ * The composition root: config → services → app. It never listens and reads no globals, so tests
+ * build the real thing around a fresh database.
+ */
+export function createApp(deps: AppDeps): KeywardApp {
+  const { config, db } = deps;
+  const clock = deps.clock ?? systemClock;
+  const hasher = deps.hasher ?? bcryptHasher(config.bcryptRounds);
+  const logger = deps.logger ?? createLogger(config.logLevel);
+  const lifecycle = deps.lifecycle ?? { draining: false };
+
+  const users = new UsersService({ db, clock });
+  const tokens = new TokensService({ db, clock, hasher, tokenPrefix: config.tokenPrefix, users });
+  const verifier = new TokenVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, cacheSize: config.verifyCacheSize });
+
+  const app = express() as unknown as KeywardApp;
+  Object.defineProperty(app, 'verifier', { value: verifier });
+  app.disable('x-powered-by');
+  // API responses are not cacheable resources; skipping ETags also saves hashing every body.
+  app.set('etag', false);
+  app.set('trust proxy', config.trustProxy);
+
+  app.use(requestId);
+  app.use(requestLog(logger));
+  // No upgrade-insecure-requests: self-hosters often serve plain HTTP inside their network (TLS at
+  // the proxy), and the directive would make browsers fetch /docs' scripts over https and fail.
+  app.use(helmet({ contentSecurityPolicy: { directives: { upgradeInsecureRequests: null } } }));
+  app.use((_req: Request, res: Response, next: NextFunction) => {
+    if (lifecycle.draining) {
+      res.setHeader('Connection', 'close');
+      throw unavailable('The server is shutting down.');
+    }
+    // Responses can hold a freshly minted token: no cache may keep one.
+    res.setHeader('Cache-Control', 'no-store');
+    next();
+  });
+
+  const doc = loadSpec();
+  app.use(docsRouter(doc));
+  const router = express.Router();
+  mountOperations(
+    router,
+    listOperations(doc),
+    { ...healthHandlers(db, lifecycle), ...usersHandlers(users), ...tokensHandlers(tokens), ...meHandlers() },
+    { admin: requireAdmin(config.adminKeyDigest), user: requireUser(verifier) },
+  );
+  app.use(router);
+
+  app.use(() => {
+    throw new AppError(404, 'NOT_FOUND', 'No such route.');
+  });
+  app.use(errorHandler(logger));
+  return app;
+}

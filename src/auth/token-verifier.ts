@@ -1,0 +1,113 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { LRUCache } from 'lru-cache';
+import type { Db } from '../../db/database';
+import { type Clock, isoNow } from '../clock';
+import { AppError } from '../http/errors';
+import type { SecretHasher } from '../tokens/secret-hasher';
+import { parseScopes } from '../tokens/scopes';
+import { maskToken, parseToken } from '../tokens/token-format';
+import { findCredentialBySelector } from '../tokens/tokens.repository';
+
+export interface AuthContext {
+  user: { id: number; email: string; name: string | null; maxConcurrentBots: number };
+  token: { id: number; name: string | null; scopes: string[]; environment: string; masked: string; expiresAt: string | null };
+}
+
+/** Wrong secrets tolerated per token per window before its bcrypt checks are refused outright. */
+export const MAX_FAILED_CHECKS = 10;
+export const FAILED_CHECK_WINDOW_MS = 60_000;
+
+const WWW_AUTHENTICATE = { 'WWW-Authenticate': 'Bearer realm="keyward", error="invalid_token"' };
+const malformed = () => new AppError(401, 'INVALID_API_KEY', 'The API key is malformed or mistyped.', undefined, WWW_AUTHENTICATE);
+const invalid = () => new AppError(401, 'INVALID_API_KEY', 'The API key is not valid.', undefined, WWW_AUTHENTICATE);
+
+const sha256 = (value: string): Buffer => createHash('sha256').update(value).digest();
+
+export interface VerifierStats {
+  bcryptChecks: number;
+  cacheHits: number;
+}
+
+/**
+ * Verification (product.md): checksum first, one indexed lookup by selector, bcrypt once per token
+ * per process, then sha256 of the whole token against the remembered digest. The row is read on every
+ * request, so revocation, expiry and a disabled user take effect on the very next request.
+ */
+export class TokenVerifier {
+  /** token id → sha256(full token) of a token whose secret bcrypt has accepted. */
+  private readonly verified: LRUCache<number, Buffer>;
+  /** sha256(full token) of tokens bcrypt has refused: repeating a wrong token costs no bcrypt. */
+  private readonly refused = new LRUCache<string, true>({ max: 10_000 });
+  /** selector → failed bcrypt checks in the current window. */
+  private readonly failures = new LRUCache<string, number>({ max: 10_000, ttl: FAILED_CHECK_WINDOW_MS, noUpdateTTL: true });
+  /** Concurrent first requests with the same token share one bcrypt check. */
+  private readonly inflight = new Map<string, Promise<boolean>>();
+  readonly stats: VerifierStats = { bcryptChecks: 0, cacheHits: 0 };
+
+  constructor(
+    private readonly deps: { db: Db; clock: Clock; hasher: SecretHasher; tokenPrefix: string; cacheSize: number },
+  ) {
+    this.verified = new LRUCache({ max: deps.cacheSize });
+  }
+
+  async verify(presented: string): Promise<AuthContext> {
+    const parsed = parseToken(presented, this.deps.tokenPrefix);
+    if (!parsed) throw malformed();
+    const row = await findCredentialBySelector(this.deps.db, parsed.selector);
+    if (!row) throw invalid();
+
+    const digest = sha256(presented);
+    const known = this.verified.get(row.token_id);
+    if (known && timingSafeEqual(known, digest)) {
+      this.stats.cacheHits++;
+    } else {
+      await this.checkSecret(parsed.selector, parsed.secret, row.secret_hash, digest);
+      this.verified.set(row.token_id, digest);
+    }
+
+    // State is checked only after the secret: nobody learns a token's state without holding it.
+    if (row.revoked_at !== null || row.deleted_at !== null) {
+      throw new AppError(401, 'API_KEY_REVOKED', 'The API key has been revoked.', undefined, WWW_AUTHENTICATE);
+    }
+    if (row.expires_at !== null && row.expires_at <= isoNow(this.deps.clock)) {
+      throw new AppError(401, 'API_KEY_EXPIRED', 'The API key has expired.', undefined, WWW_AUTHENTICATE);
+    }
+    if (row.disabled_at !== null) throw new AppError(403, 'USER_DISABLED', 'The user of this API key is disabled.');
+
+    return {
+      user: { id: row.user_id, email: row.email, name: row.user_name, maxConcurrentBots: row.max_concurrent_bots },
+      token: {
+        id: row.token_id,
+        name: row.token_name,
+        scopes: parseScopes(row.scopes),
+        environment: row.environment,
+        masked: maskToken(this.deps.tokenPrefix, row.environment, parsed.selector, row.last4),
+        expiresAt: row.expires_at,
+      },
+    };
+  }
+
+  private async checkSecret(selector: string, secret: string, hash: string, digest: Buffer): Promise<void> {
+    const key = digest.toString('hex');
+    if (this.refused.has(key)) throw invalid();
+    const failed = this.failures.get(selector) ?? 0;
+    if (failed >= MAX_FAILED_CHECKS) {
+      // Someone is guessing secrets for this selector: refuse before spending CPU on bcrypt.
+      const retryAfter = Math.max(1, Math.ceil(this.failures.getRemainingTTL(selector) / 1000));
+      throw new AppError(429, 'RATE_LIMITED', 'Too many failed attempts with this API key; try again later.', { retry_after: retryAfter }, {
+        'Retry-After': String(retryAfter),
+      });
+    }
+    let pending = this.inflight.get(key);
+    if (!pending) {
+      this.stats.bcryptChecks++;
+      pending = this.deps.hasher.verify(secret, hash).finally(() => this.inflight.delete(key));
+      this.inflight.set(key, pending);
+    }
+    if (!(await pending)) {
+      this.refused.set(key, true);
+      this.failures.set(selector, (this.failures.get(selector) ?? 0) + 1);
+      throw invalid();
+    }
+  }
+}

@@ -1,0 +1,141 @@
+import { createHash } from 'node:crypto';
+import { isIP } from 'node:net';
+
+export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+export type TrustProxy = false | number | string[];
+
+export interface Config {
+  /** sha256 of ADMIN_API_TOKEN: the plaintext key is not kept in memory past loading. */
+  readonly adminKeyDigest: Buffer;
+  readonly port: number;
+  readonly host: string;
+  readonly databasePath: string;
+  readonly bcryptRounds: number;
+  readonly tokenPrefix: string;
+  readonly logLevel: LogLevel;
+  readonly trustProxy: TrustProxy;
+  readonly verifyCacheSize: number;
+  readonly shutdownTimeoutMs: number;
+}
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(
+      `keyward cannot start: ${problems.length} configuration problem(s):\n` +
+        problems.map((p) => `  - ${p}`).join('\n'),
+    );
+    this.name = 'ConfigError';
+  }
+}
+
+type Parsed<T> = { ok: true; value: T } | { ok: false; problem: string };
+const ok = <T>(value: T): Parsed<T> => ({ ok: true, value });
+const bad = (problem: string): Parsed<never> => ({ ok: false, problem });
+
+export interface Variable<K extends keyof Config = keyof Config> {
+  readonly name: string;
+  readonly key: K;
+  /** The default as a user would write it in .env; undefined means required. */
+  readonly default: string | undefined;
+  readonly doc: string;
+  readonly parse: (raw: string, name: string) => Parsed<Config[K]>;
+}
+
+const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+const HOW_TO_MAKE_A_KEY = 'generate one with `openssl rand -hex 32`';
+
+// Values people paste from tutorials. Anything at least 32 characters long that still reads like a
+// placeholder, or that has almost no variety in it, is refused as well.
+const PLACEHOLDER_WORDS = ['changeme', 'change-me', 'change_me', 'placeholder', 'replace', 'example', 'your-', 'your_', 'yourtoken', 'yoursecret'];
+const PLACEHOLDERS = new Set(['changeme', 'admin', 'secret', 'password', 'token', 'test', 'admintoken', 'adminapitoken', 'supersecret', 'token']);
+
+function integer(min: number, max: number) {
+  return (raw: string, name: string): Parsed<number> => {
+    if (!/^\d+$/.test(raw)) return bad(`${name} must be a whole number from ${min} to ${max}, got "${raw}"`);
+    const n = Number(raw);
+    if (n < min || n > max) return bad(`${name} must be from ${min} to ${max}, got ${n}`);
+    return ok(n);
+  };
+}
+
+function adminKey(raw: string, name: string): Parsed<Buffer> {
+  const normalized = raw.toLowerCase().replace(/[^a-z0-9]/g, '');
+  if (PLACEHOLDERS.has(normalized) || PLACEHOLDER_WORDS.some((w) => raw.toLowerCase().includes(w))) {
+    return bad(`${name} is a placeholder value; ${HOW_TO_MAKE_A_KEY}`);
+  }
+  if (raw.length < 32) return bad(`${name} must be at least 32 characters (it has ${raw.length}); ${HOW_TO_MAKE_A_KEY}`);
+  if (new Set(raw).size < 8) return bad(`${name} has too little variety to be a secret; ${HOW_TO_MAKE_A_KEY}`);
+  return ok(createHash('sha256').update(raw).digest());
+}
+
+function isCidrOrAddress(entry: string): boolean {
+  const [address, bits, ...rest] = entry.split('/');
+  if (rest.length > 0 || address === undefined) return false;
+  const family = isIP(address);
+  if (family === 0) return false;
+  if (bits === undefined) return true;
+  if (!/^\d+$/.test(bits)) return false;
+  return Number(bits) <= (family === 4 ? 32 : 128);
+}
+
+function trustProxy(raw: string, name: string): Parsed<TrustProxy> {
+  const value = raw.trim().toLowerCase();
+  if (value === '' || value === 'off' || value === 'false') return ok(false);
+  if (value === 'true' || value === 'on') {
+    return bad(`${name}=${raw} would trust X-Forwarded-For from any client; name your proxies (addresses, CIDRs, "loopback") or a hop count`);
+  }
+  if (/^\d+$/.test(value)) return integer(1, 10)(value, name);
+  const entries = value.split(',').map((e) => e.trim()).filter((e) => e !== '');
+  const named = new Set(['loopback', 'linklocal', 'uniquelocal']);
+  const invalid = entries.filter((e) => !named.has(e) && !isCidrOrAddress(e));
+  if (invalid.length > 0) return bad(`${name} has entries that are not addresses, CIDRs or loopback/linklocal/uniquelocal: ${invalid.join(', ')}`);
+  return ok(entries);
+}
+
+/** The one table of settings: the loader, .env.example and the README's table all follow it. */
+export const VARIABLES: readonly Variable[] = [
+  { name: 'ADMIN_API_TOKEN', key: 'adminKeyDigest', default: undefined, parse: adminKey,
+    doc: 'Required. The admin key for /admin/* (header X-Admin-API-Key); at least 32 characters: `openssl rand -hex 32`.' },
+  { name: 'PORT', key: 'port', default: '8056', parse: integer(0, 65535), doc: 'TCP port to listen on (0 picks a free one).' },
+  { name: 'HOST', key: 'host', default: '0.0.0.0', doc: 'Address to listen on.',
+    parse: (raw, name) => (raw.trim() === '' ? bad(`${name} must not be empty`) : ok(raw.trim())) },
+  { name: 'DATABASE_PATH', key: 'databasePath', default: './data/keyward.db',
+    doc: 'SQLite database file; its directory is created and the file is readable by its owner only.',
+    parse: (raw, name) => (raw.trim() === '' ? bad(`${name} must not be empty`) : ok(raw.trim())) },
+  { name: 'BCRYPT_ROUNDS', key: 'bcryptRounds', default: '10', parse: integer(4, 15),
+    doc: 'bcrypt cost for token secrets (4 to 15); each +1 doubles the cost of a token\'s first request.' },
+  { name: 'TOKEN_PREFIX', key: 'tokenPrefix', default: 'kw', doc: 'Prefix of minted tokens (lowercase letters and digits, up to 16).',
+    parse: (raw, name) => (/^[a-z][a-z0-9]{0,15}$/.test(raw) ? ok(raw) : bad(`${name} must be 1 to 16 lowercase letters or digits starting with a letter, got "${raw}"`)) },
+  { name: 'LOG_LEVEL', key: 'logLevel', default: 'info', doc: `Log level: ${LOG_LEVELS.join(', ')}.`,
+    parse: (raw, name) => ((LOG_LEVELS as readonly string[]).includes(raw) ? ok(raw as LogLevel) : bad(`${name} must be one of ${LOG_LEVELS.join(', ')}, got "${raw}"`)) },
+  { name: 'TRUST_PROXY', key: 'trustProxy', default: 'off', parse: trustProxy,
+    doc: 'Reverse proxies whose X-Forwarded-For is believed: off, a hop count, or addresses/CIDRs/loopback, comma-separated.' },
+  { name: 'VERIFY_CACHE_SIZE', key: 'verifyCacheSize', default: '100000', parse: integer(1, 10_000_000),
+    doc: 'How many verified tokens each process remembers so that bcrypt runs once per token.' },
+  { name: 'SHUTDOWN_TIMEOUT_SECONDS', key: 'shutdownTimeoutMs', default: '10',
+    doc: 'On SIGTERM/SIGINT, how long in-flight requests may take before connections are closed.',
+    parse: (raw, name) => {
+      const seconds = integer(0, 600)(raw, name);
+      return seconds.ok ? ok(seconds.value * 1000) : seconds;
+    } },
+];
+
+/** Pure: reads only the given environment, and reports every problem at once. */
+export function loadConfig(env: Record<string, string | undefined>): Config {
+  const problems: string[] = [];
+  const values: Partial<Record<keyof Config, unknown>> = {};
+  for (const variable of VARIABLES) {
+    const raw = env[variable.name];
+    if (raw === undefined || (raw === '' && variable.default === undefined)) {
+      if (variable.default === undefined) {
+        problems.push(`${variable.name} is required; ${variable.name === 'ADMIN_API_TOKEN' ? HOW_TO_MAKE_A_KEY : variable.doc}`);
+        continue;
+      }
+    }
+    const parsed = variable.parse(raw ?? (variable.default as string), variable.name);
+    if (parsed.ok) values[variable.key] = parsed.value;
+    else problems.push(parsed.problem);
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+  return Object.freeze(values as unknown as Config);
+}

@@ -1,0 +1,58 @@
+/** Every error a client can see. The code is API: clients switch on it, so never rename one. */
+export type ErrorCode =
+  | 'VALIDATION_ERROR'
+  | 'INVALID_JSON'
+  | 'AUTHENTICATION_REQUIRED'
+  | 'INVALID_API_KEY'
+  | 'API_KEY_EXPIRED'
+  | 'API_KEY_REVOKED'
+  | 'INVALID_ADMIN_KEY'
+  | 'INSUFFICIENT_SCOPE'
+  | 'FORBIDDEN_IP'
+  | 'USER_DISABLED'
+  | 'NOT_FOUND'
+  | 'METHOD_NOT_ALLOWED'
+  | 'CONFLICT'
+  | 'PAYLOAD_TOO_LARGE'
+  | 'UNSUPPORTED_MEDIA_TYPE'
+  | 'RATE_LIMITED'
+  | 'CONCURRENCY_LIMIT_EXCEEDED'
+  | 'INTERNAL_ERROR'
+  | 'UNAVAILABLE';
+
+export interface FieldProblem {
+  field: string;
+  in: 'body' | 'path' | 'query' | 'header';
+  message: string;
+}
+
+/**
+ * The one error family. `expose` is false for 5xx: their message is replaced by a generic one in the
+ * response and the original goes to the log only.
+ */
+export class AppError extends Error {
+  readonly expose: boolean;
+
+  constructor(
+    readonly status: number,
+    readonly code: ErrorCode,
+    message: string,
+    readonly details?: unknown,
+    /** Extra response headers, e.g. Retry-After or Allow. */
+    readonly headers?: Readonly<Record<string, string>>,
+  ) {
+    super(message);
+    this.name = 'AppError';
+    this.expose = status < 500;
+  }
+}
+
+export const validationError = (problems: FieldProblem[], message = 'The request is not valid.') =>
+  new AppError(400, 'VALIDATION_ERROR', message, problems);
+
+export const notFound = (what: string) => new AppError(404, 'NOT_FOUND', `${what} was not found.`);
+
+export const conflict = (message: string, details?: unknown) => new AppError(409, 'CONFLICT', message, details);
+
+export const unavailable = (message = 'The service is temporarily unavailable; try again shortly.') =>
+  new AppError(503, 'UNAVAILABLE', message, undefined, { 'Retry-After': '1' });

@@ -1,0 +1,92 @@
+import Ajv2020, { type ErrorObject, type ValidateFunction } from 'ajv/dist/2020';
+import addFormats from 'ajv-formats';
+import type { JsonSchema, OperationSpec, ParameterSpec } from '../openapi/spec';
+import { type FieldProblem, validationError } from './errors';
+
+export interface ValidatedInput {
+  params: Record<string, unknown>;
+  query: Record<string, unknown>;
+  body: unknown;
+}
+
+function makeAjv(forStrings: boolean): Ajv2020 {
+  // Path and query values arrive as strings: coerce them to the declared types (and fill defaults).
+  // Bodies are JSON and are never coerced: "5" is not 5.
+  const ajv = new Ajv2020({
+    allErrors: true,
+    strict: true,
+    strictTypes: false,
+    coerceTypes: forStrings,
+    useDefaults: forStrings,
+  });
+  addFormats(ajv, ['email', 'date-time', 'uri']);
+  ajv.addKeyword('example');
+  return ajv;
+}
+
+const stringsAjv = makeAjv(true);
+const bodyAjv = makeAjv(false);
+
+function objectSchema(parameters: ParameterSpec[]): JsonSchema {
+  return {
+    type: 'object',
+    properties: Object.fromEntries(parameters.map((p) => [p.name, p.schema])),
+    required: parameters.filter((p) => p.required).map((p) => p.name),
+    // Unknown query parameters are refused like unknown body fields: a typo must not be ignored.
+    additionalProperties: false,
+  };
+}
+
+function join(base: string, key: string): string {
+  return base === '' ? key : `${base}.${key}`;
+}
+
+export function toProblems(where: FieldProblem['in'], errors: ErrorObject[] | null | undefined): FieldProblem[] {
+  const problems: FieldProblem[] = [];
+  const seen = new Set<string>();
+  for (const e of errors ?? []) {
+    const path = e.instancePath.split('/').slice(1).map((s) => s.replace(/~1/g, '/').replace(/~0/g, '~')).join('.');
+    let field = path;
+    let message = e.message ?? 'is not valid';
+    if (e.keyword === 'required') {
+      field = join(path, (e.params as { missingProperty: string }).missingProperty);
+      message = 'is required';
+    } else if (e.keyword === 'additionalProperties') {
+      field = join(path, (e.params as { additionalProperty: string }).additionalProperty);
+      message = 'is not a known field';
+    }
+    const problem = { field: field === '' ? where : field, in: where, message };
+    const key = `${problem.field}|${message}`;
+    if (!seen.has(key)) {
+      seen.add(key);
+      problems.push(problem);
+    }
+  }
+  return problems;
+}
+
+export interface OperationValidator {
+  (raw: { params: Record<string, unknown>; query: Record<string, unknown>; body: unknown; hasBody: boolean }): ValidatedInput;
+}
+
+export function buildValidator(op: OperationSpec): OperationValidator {
+  const params: ValidateFunction = stringsAjv.compile(objectSchema(op.parameters.filter((p) => p.in === 'path')));
+  const query: ValidateFunction = stringsAjv.compile(objectSchema(op.parameters.filter((p) => p.in === 'query')));
+  const body: ValidateFunction | undefined = op.requestBody ? bodyAjv.compile(op.requestBody.schema) : undefined;
+
+  return (raw) => {
+    const input: ValidatedInput = { params: { ...raw.params }, query: { ...raw.query }, body: raw.body };
+    const problems: FieldProblem[] = [];
+    if (!params(input.params)) problems.push(...toProblems('path', params.errors));
+    if (!query(input.query)) problems.push(...toProblems('query', query.errors));
+    if (body && raw.hasBody && !body(input.body)) problems.push(...toProblems('body', body.errors));
+    if (op.requestBody?.required && !raw.hasBody) {
+      problems.push({ field: 'body', in: 'body', message: 'a JSON body is required' });
+    }
+    if (!op.requestBody && raw.hasBody) {
+      problems.push({ field: 'body', in: 'body', message: 'this operation takes no request body' });
+    }
+    if (problems.length > 0) throw validationError(problems);
+    return input;
+  };
+}

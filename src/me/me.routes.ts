@@ -1,0 +1,22 @@
+import { authOf } from '../auth/user-auth';
+import type { Handler } from '../http/operations';
+
+/** The user API's "who am I": the key's user and the key itself, as the caller is allowed to see them. */
+export function meHandlers(): Record<string, Handler> {
+  return {
+    getMe: (_req, res) => {
+      const { user, token } = authOf(res);
+      res.json({
+        user: { id: user.id, email: user.email, name: user.name, max_concurrent_bots: user.maxConcurrentBots },
+        token: {
+          id: token.id,
+          name: token.name,
+          scopes: token.scopes,
+          environment: token.environment,
+          masked: token.masked,
+          expires_at: token.expiresAt,
+        },
+      });
+    },
+  };
+}

@@ -1,0 +1,84 @@
+import { existsSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import { migrateToLatest, openSqlite, type Storage } from '../db/database';
+import { createApp } from './app';
+import { ConfigError, loadConfig } from './config';
+import { createLogger } from './logger';
+
+/**
+ * The only entry point that touches the outside world: environment, database file, socket, signals.
+ */
+async function main(): Promise<void> {
+  // Variables already in the environment win over .env (Node's loader never overwrites them).
+  if (existsSync('.env')) process.loadEnvFile('.env');
+
+  let config;
+  try {
+    config = loadConfig(process.env);
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`${err.message}\n`);
+      process.exit(1);
+    }
+    throw err;
+  }
+  const logger = createLogger(config.logLevel);
+
+  let storage: Storage;
+  try {
+    storage = openSqlite(config.databasePath);
+    await migrateToLatest(storage.db);
+  } catch (err) {
+    logger.fatal({ err, database_path: config.databasePath }, 'cannot open or migrate the database; refusing to start');
+    process.exit(1);
+  }
+
+  const lifecycle = { draining: false };
+  const app = createApp({ config, db: storage.db, logger, lifecycle });
+  const server = app.listen(config.port, config.host);
+  // Slow clients cannot hold sockets open forever: whole request within 30 s, headers within 10 s.
+  server.requestTimeout = 30_000;
+  server.headersTimeout = 10_000;
+  server.keepAliveTimeout = 5_000;
+
+  server.on('listening', () => {
+    const { address, port } = server.address() as AddressInfo;
+    logger.info({ host: address, port, database_path: config.databasePath }, 'keyward listening');
+  });
+  server.on('error', (err) => {
+    logger.fatal({ err }, 'cannot listen');
+    process.exit(1);
+  });
+
+  let stopping = false;
+  const stop = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    logger.info({ signal }, 'shutting down: finishing in-flight requests');
+    lifecycle.draining = true;
+    const force = setTimeout(() => {
+      logger.warn('in-flight requests did not finish in time; closing their connections');
+      server.closeAllConnections();
+    }, config.shutdownTimeoutMs);
+    force.unref();
+    server.close(() => {
+      clearTimeout(force);
+      storage
+        .close()
+        .then(() => {
+          logger.info('stopped');
+          process.exit(0);
+        })
+        .catch((err: unknown) => {
+          logger.error({ err }, 'closing the database failed');
+          process.exit(1);
+        });
+    });
+    // Idle keep-alive sockets would otherwise hold server.close() open until they time out.
+    server.closeIdleConnections();
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+}
+
+void main();

@@ -1,0 +1,22 @@
+import { validationError } from '../http/errors';
+
+/** The built-in catalog (product.md). Issue #4 adds EXTRA_SCOPES from the environment. */
+export const BUILT_IN_SCOPES = ['bots:read', 'bots:write', 'tokens:read', 'tokens:write'] as const;
+
+/** A token minted without scopes may run bots and nothing else. */
+export const DEFAULT_SCOPES = ['bots:read', 'bots:write'];
+
+/** Folds duplicates and sorts, so equal scope sets are stored and shown the same way. */
+export function normalizeScopes(requested: string[] | undefined, catalog: readonly string[] = BUILT_IN_SCOPES): string[] {
+  if (requested === undefined) return [...DEFAULT_SCOPES];
+  const unknown = requested.filter((s) => !catalog.includes(s));
+  if (unknown.length > 0) {
+    throw validationError(
+      unknown.map((s) => ({ field: 'scopes', in: 'body' as const, message: `unknown scope "${s}"; valid scopes are ${catalog.join(', ')}` })),
+    );
+  }
+  return [...new Set(requested)].sort();
+}
+
+export const serializeScopes = (scopes: string[]): string => scopes.join(' ');
+export const parseScopes = (stored: string): string[] => (stored === '' ? [] : stored.split(' '));

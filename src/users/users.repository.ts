@@ -1,0 +1,54 @@
+import { sql } from 'kysely';
+import type { Db } from '../../db/database';
+import type { NewUserRow, UserRow, UserUpdate } from '../../db/schema';
+import type { PageRequest } from '../http/pagination';
+
+// Deleted users stay in the table (their tokens keep answering API_KEY_REVOKED) but are invisible here.
+
+export async function insertUser(db: Db, row: NewUserRow): Promise<UserRow> {
+  return db.insertInto('users').values(row).returningAll().executeTakeFirstOrThrow();
+}
+
+export async function findUserById(db: Db, id: number): Promise<UserRow | undefined> {
+  return db.selectFrom('users').selectAll().where('id', '=', id).where('deleted_at', 'is', null).executeTakeFirst();
+}
+
+export async function findUserByEmail(db: Db, emailLower: string): Promise<UserRow | undefined> {
+  return db.selectFrom('users').selectAll().where('email_lower', '=', emailLower).executeTakeFirst();
+}
+
+export async function listUsers(db: Db, page: PageRequest, emailContains?: string): Promise<UserRow[]> {
+  let query = db
+    .selectFrom('users')
+    .selectAll()
+    .where('deleted_at', 'is', null)
+    .where('id', '>', page.afterId)
+    .orderBy('id')
+    .limit(page.limit + 1);
+  if (emailContains !== undefined) {
+    const pattern = `%${emailContains.toLowerCase().replace(/[\\%_]/g, (c) => `\\${c}`)}%`;
+    query = query.where(sql<boolean>`email_lower like ${pattern} escape '\\'`);
+  }
+  return query.execute();
+}
+
+export async function updateUser(db: Db, id: number, patch: UserUpdate): Promise<UserRow | undefined> {
+  return db
+    .updateTable('users')
+    .set(patch)
+    .where('id', '=', id)
+    .where('deleted_at', 'is', null)
+    .returningAll()
+    .executeTakeFirst();
+}
+
+/** Frees the email for reuse; the row stays so the user's revoked tokens still say "revoked". */
+export async function markUserDeleted(db: Db, id: number, now: string): Promise<boolean> {
+  const result = await db
+    .updateTable('users')
+    .set({ deleted_at: now, updated_at: now, email_lower: null })
+    .where('id', '=', id)
+    .where('deleted_at', 'is', null)
+    .executeTakeFirst();
+  return result.numUpdatedRows > 0n;
+}

@@ -1,0 +1,32 @@
+import type { Handler } from '../http/operations';
+import { input } from '../http/operations';
+import { pageRequest } from '../http/pagination';
+import type { CreateUserInput, UpdateUserInput, UsersService } from './users.service';
+
+/** Admin user management; paths, auth and validation come from openapi.yaml by operationId. */
+export function usersHandlers(users: UsersService): Record<string, Handler> {
+  return {
+    createUser: async (_req, res) => {
+      const user = await users.create(input(res).body as CreateUserInput);
+      res.status(201).location(`/admin/users/${user.id}`).json(user);
+    },
+    listUsers: async (_req, res) => {
+      const { query } = input(res);
+      res.json(await users.list(pageRequest(query), query.email as string | undefined));
+    },
+    getUser: async (_req, res) => {
+      res.json(await users.get(input(res).params.id as number));
+    },
+    getUserByEmail: async (_req, res) => {
+      res.json(await users.getByEmail(input(res).params.email as string));
+    },
+    updateUser: async (_req, res) => {
+      const { params, body } = input(res);
+      res.json(await users.update(params.id as number, body as UpdateUserInput));
+    },
+    deleteUser: async (_req, res) => {
+      await users.delete(input(res).params.id as number);
+      res.status(204).end();
+    },
+  };
+}
