@@ -2,6 +2,7 @@ import type { ErrorRequestHandler, Request, Response } from 'express';
 import { isStorageUnavailable } from '../../db/database';
 import type { Logger } from '../logger';
 import { AppError, unavailable } from './errors';
+import { loggablePath } from './request-context';
 
 // body-parser reports its failures with a `type`; each maps to the code product.md gives it.
 const BODY_ERRORS: Record<string, () => AppError> = {
@@ -53,7 +54,7 @@ export function errorHandler(logger: Logger): ErrorRequestHandler {
     if (error.status >= 500) {
       // The cause goes to the log, never to the client. Errors carry no credentials: nothing in
       // keyward puts a token or key into an error message.
-      logger.error({ err, request_id: res.locals.requestId, path: req.path }, 'request failed');
+      logger.error({ err, request_id: res.locals.requestId, path: loggablePath(req, res) }, 'request failed');
     }
     if (res.headersSent) {
       // Half a response is already on the wire; the only honest thing left is to cut the connection.

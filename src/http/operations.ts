@@ -55,6 +55,7 @@ export function mountOperations(
     const chain: RequestHandler[] = [
       (_req, res, next) => {
         res.locals.operationId = op.operationId;
+        res.locals.routePath = op.path;
         next();
       },
     ];

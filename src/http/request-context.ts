@@ -13,9 +13,19 @@ export function requestId(req: Request, res: Response, next: NextFunction): void
   next();
 }
 
+// Runs of 20+ letters and digits in an unmatched path are masked: a token pasted into a URL must not
+// reach the log through a 404.
+const TOKEN_LIKE = /[A-Za-z0-9]{20,}/g;
+
+/** The path as logs may show it. */
+export function loggablePath(req: Request, res: Response): string {
+  return (res.locals.routePath as string | undefined) ?? req.path.replace(TOKEN_LIKE, '[redacted]');
+}
+
 /**
- * One structured line per request. Only the path is logged, never the query string or a header value,
- * so a credential pasted into a URL or header cannot end up in the log.
+ * One structured line per request. It names the operation and its path template (never the actual
+ * values, which can hold emails), never the query string, a header value or a body, so a credential
+ * sent anywhere cannot end up in the log.
  */
 export function requestLog(logger: Logger) {
   return (req: Request, res: Response, next: NextFunction): void => {
@@ -26,7 +36,7 @@ export function requestLog(logger: Logger) {
       const entry = {
         request_id: res.locals.requestId as string,
         method: req.method,
-        path: req.path,
+        path: loggablePath(req, res),
         route: (res.locals.operationId as string | undefined) ?? null,
         status,
         duration_ms: Number(process.hrtime.bigint() - started) / 1e6,

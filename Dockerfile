@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# Build: compiles TypeScript and the native modules (better-sqlite3, bcrypt), then drops dev dependencies.
+FROM node:20.20.2-bookworm-slim AS build
+WORKDIR /app
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 make g++ \
+ && rm -rf /var/lib/apt/lists/*
+COPY package.json package-lock.json ./
+RUN npm ci
+COPY tsconfig.json tsconfig.build.json ./
+COPY src ./src
+COPY db ./db
+COPY openapi ./openapi
+RUN npm run build && npm prune --omit=dev
+
+# Run: production dependencies and the built output only, as the unprivileged `node` user.
+FROM node:20.20.2-bookworm-slim
+ENV NODE_ENV=production
+ENV DATABASE_PATH=/data/keyward.db
+ENV PORT=8056
+ENV HOST=0.0.0.0
+WORKDIR /app
+COPY --from=build /app/package.json ./package.json
+COPY --from=build /app/node_modules ./node_modules
+COPY --from=build /app/dist ./dist
+COPY --from=build /app/openapi ./openapi
+RUN mkdir -p /data && chown node:node /data
+USER node
+VOLUME /data
+EXPOSE 8056
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["node", "-e", "fetch('http://127.0.0.1:'+process.env.PORT+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
+CMD ["node", "dist/src/server.js"]

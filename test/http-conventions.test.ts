@@ -1,0 +1,149 @@
+import { Writable } from 'node:stream';
+import express from 'express';
+import request from 'supertest';
+import { errorHandler } from '../src/http/error-handler';
+import { createLogger } from '../src/logger';
+import { admin, createTestApp, createUser, expectError, type TestContext } from './helpers/app';
+
+let ctx: TestContext;
+beforeEach(async () => {
+  ctx = await createTestApp();
+});
+afterEach(async () => {
+  await ctx.close();
+});
+
+const countUsers = async () => (await ctx.storage.db.selectFrom('users').select('id').execute()).length;
+
+describe('one error envelope from every layer', () => {
+  test('an unknown route gets 404 NOT_FOUND', async () => {
+    expectError(await request(ctx.app).get('/nope'), 404, 'NOT_FOUND');
+    expectError(await request(ctx.app).get('/admin/nope').set(admin), 404, 'NOT_FOUND');
+    expectError(await request(ctx.app).post('/v1/nothing-here'), 404, 'NOT_FOUND');
+  });
+
+  test('a known path with the wrong method gets 405 METHOD_NOT_ALLOWED with Allow', async () => {
+    const res = await request(ctx.app).put('/admin/users/1').set(admin).send({});
+    const error = expectError(res, 405, 'METHOD_NOT_ALLOWED');
+    expect(res.headers.allow).toBe('GET, PATCH, DELETE, HEAD');
+    expect(error.details).toEqual({ allow: ['GET', 'PATCH', 'DELETE', 'HEAD'] });
+    expect(res.headers['allow']).toBeDefined();
+    expect((await request(ctx.app).delete('/v1/me')).headers.allow).toBe('GET, HEAD');
+  });
+
+  test('malformed JSON gets 400 INVALID_JSON', async () => {
+    for (const body of ['{"email": ', '{email: "x"}', 'null', '"a string"', '']) {
+      const res = await request(ctx.app).post('/admin/users').set(admin).set('Content-Type', 'application/json').send(body);
+      if (body === '') {
+        expectError(res, 400, 'VALIDATION_ERROR');
+      } else {
+        expectError(res, 400, 'INVALID_JSON');
+      }
+    }
+    expect(await countUsers()).toBe(0);
+  });
+
+  test('a JSON body that is not an object gets 400 VALIDATION_ERROR', async () => {
+    const error = expectError(await request(ctx.app).post('/admin/users').set(admin).send([{ email: 'a@example.com' }]), 400, 'VALIDATION_ERROR');
+    expect(error.details).toEqual([{ field: 'body', in: 'body', message: 'must be object' }]);
+  });
+
+  test('a missing required body gets 400 saying a body is required', async () => {
+    const error = expectError(await request(ctx.app).post('/admin/users').set(admin), 400, 'VALIDATION_ERROR');
+    expect(error.details).toEqual([{ field: 'body', in: 'body', message: 'a JSON body is required' }]);
+  });
+
+  test('a body over 64 KiB gets 413 PAYLOAD_TOO_LARGE', async () => {
+    const res = await request(ctx.app)
+      .post('/admin/users')
+      .set(admin)
+      .send({ email: 'big@example.com', name: 'x'.repeat(70 * 1024) });
+    expectError(res, 413, 'PAYLOAD_TOO_LARGE');
+    expect(await countUsers()).toBe(0);
+  });
+
+  test.each([
+    ['text/plain', 'email=a@example.com'],
+    ['application/x-www-form-urlencoded', 'email=a%40example.com'],
+    ['multipart/form-data; boundary=x', '--x--'],
+    ['application/json; charset=latin1', '{"email":"a@example.com"}'],
+  ])('a %s body gets 415 UNSUPPORTED_MEDIA_TYPE', async (type, body) => {
+    expectError(await request(ctx.app).post('/admin/users').set(admin).set('Content-Type', type).send(body), 415, 'UNSUPPORTED_MEDIA_TYPE');
+    expect(await countUsers()).toBe(0);
+  });
+
+  test('a body without a Content-Type gets 415', async () => {
+    const res = await request(ctx.app)
+      .post('/admin/users')
+      .set(admin)
+      .set('Content-Type', '')
+      .send(Buffer.from('{"email":"a@example.com"}'));
+    expectError(res, 415, 'UNSUPPORTED_MEDIA_TYPE');
+  });
+
+  test('a body sent to an operation that takes none gets 400', async () => {
+    const user = await createUser(ctx);
+    const error = expectError(await request(ctx.app).delete(`/admin/users/${user.id}`).set(admin).send({ force: true }), 400, 'VALIDATION_ERROR');
+    expect(error.details).toEqual([{ field: 'body', in: 'body', message: 'this operation takes no request body' }]);
+    expect(await countUsers()).toBe(1);
+  });
+
+  test('an unexpected error gets a generic 500 INTERNAL_ERROR and its cause goes to the log only', async () => {
+    const lines: string[] = [];
+    const sink = new Writable({ write: (chunk, _enc, done) => { lines.push(String(chunk)); done(); } });
+    const app = express();
+    app.use((_req, res, next) => { res.locals.requestId = 'req-1'; next(); });
+    app.get('/boom', () => {
+      throw new Error('disk exploded at /var/secret/path');
+    });
+    app.use(errorHandler(createLogger('info', sink)));
+    const res = await request(app).get('/boom');
+    expect(res.status).toBe(500);
+    expect(res.body).toEqual({ error: { code: 'INTERNAL_ERROR', message: 'Internal server error.', details: null, request_id: 'req-1' } });
+    expect(lines.join('')).toContain('disk exploded');
+  });
+});
+
+describe('headers on every response', () => {
+  test('X-Request-Id is new for each request, or the caller\'s own if it is plain', async () => {
+    const a = await request(ctx.app).get('/healthz');
+    const b = await request(ctx.app).get('/healthz');
+    expect(a.headers['x-request-id']).toMatch(/^[0-9a-f-]{36}$/);
+    expect(a.headers['x-request-id']).not.toBe(b.headers['x-request-id']);
+    expect((await request(ctx.app).get('/healthz').set('X-Request-Id', 'trace-123.abc')).headers['x-request-id']).toBe('trace-123.abc');
+    const unsafe = await request(ctx.app).get('/nope').set('X-Request-Id', 'bad id\twith "quotes"');
+    expect(unsafe.headers['x-request-id']).toMatch(/^[0-9a-f-]{36}$/);
+    expect(unsafe.body.error.request_id).toBe(unsafe.headers['x-request-id']);
+  });
+
+  test('helmet\'s headers are on, X-Powered-By is off, nothing is cacheable', async () => {
+    const res = await request(ctx.app).get('/admin/users').set(admin);
+    expect(res.headers['x-powered-by']).toBeUndefined();
+    expect(res.headers['x-content-type-options']).toBe('nosniff');
+    expect(res.headers['content-security-policy']).toContain("default-src 'self'");
+    expect(res.headers['content-security-policy']).not.toContain('upgrade-insecure-requests');
+    expect(res.headers['x-frame-options']).toBe('SAMEORIGIN');
+    expect(res.headers['cache-control']).toBe('no-store');
+    expect(res.headers.etag).toBeUndefined();
+  });
+});
+
+describe('health, readiness and docs', () => {
+  test('/healthz and /readyz answer 200 without credentials', async () => {
+    expect((await request(ctx.app).get('/healthz')).body).toEqual({ status: 'ok' });
+    expect((await request(ctx.app).get('/readyz')).body).toEqual({ status: 'ok' });
+  });
+
+  test('/openapi.json serves the contract and /docs serves Swagger UI', async () => {
+    const spec = await request(ctx.app).get('/openapi.json');
+    expect(spec.status).toBe(200);
+    expect(spec.body.openapi).toBe('3.1.0');
+    expect(Object.keys(spec.body.components.securitySchemes)).toEqual(expect.arrayContaining(['AdminApiKey', 'UserApiKey']));
+    const docs = await request(ctx.app).get('/docs/');
+    expect(docs.status).toBe(200);
+    expect(docs.text).toContain('swagger-ui');
+    const init = await request(ctx.app).get('/docs/swagger-ui-init.js');
+    expect(init.status).toBe(200);
+    expect(init.text).toContain('X-Admin-API-Key');
+  });
+});

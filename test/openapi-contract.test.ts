@@ -1,0 +1,122 @@
+import Ajv2020 from 'ajv/dist/2020';
+import addFormats from 'ajv-formats';
+import express from 'express';
+import request from 'supertest';
+import { mountOperations } from '../src/http/operations';
+import { dereference, listOperations, loadSpec, type OperationSpec } from '../src/openapi/spec';
+import { admin, createTestApp, createUser, mintToken, type TestContext } from './helpers/app';
+
+const doc = loadSpec();
+const operations = listOperations(doc);
+const schemes = (op: OperationSpec) => {
+  const raw = (doc.paths[op.path] as Record<string, { security: Array<Record<string, unknown>> }>)[op.method]!;
+  return raw.security.flatMap((s) => Object.keys(s)).sort();
+};
+
+describe('the OpenAPI document', () => {
+  test('has two distinct security schemes for the two APIs', () => {
+    expect(doc.components?.securitySchemes).toMatchObject({
+      AdminApiKey: { type: 'apiKey', in: 'header', name: 'X-Admin-API-Key' },
+      UserApiKey: { type: 'apiKey', in: 'header', name: 'X-API-Key' },
+      UserBearer: { type: 'http', scheme: 'bearer' },
+    });
+  });
+
+  test('every /admin operation declares AdminApiKey and nothing else', () => {
+    const adminOps = operations.filter((op) => op.path.startsWith('/admin/'));
+    expect(adminOps.length).toBeGreaterThan(0);
+    for (const op of adminOps) expect({ op: op.operationId, schemes: schemes(op) }).toEqual({ op: op.operationId, schemes: ['AdminApiKey'] });
+  });
+
+  test('every /v1 operation declares UserApiKey (or its Bearer form) and nothing else', () => {
+    const userOps = operations.filter((op) => op.path.startsWith('/v1/'));
+    expect(userOps.length).toBeGreaterThan(0);
+    for (const op of userOps) expect({ op: op.operationId, schemes: schemes(op) }).toEqual({ op: op.operationId, schemes: ['UserApiKey', 'UserBearer'] });
+  });
+
+  test('only health checks are open', () => {
+    expect(operations.filter((op) => op.auth === 'none').map((op) => op.path).sort()).toEqual(['/healthz', '/readyz']);
+  });
+
+  test('every operation documents its error responses with the error envelope', () => {
+    for (const op of operations.filter((o) => o.auth !== 'none')) {
+      const raw = dereference(doc, (doc.paths[op.path] as Record<string, unknown>)[op.method]) as { responses: Record<string, { content?: Record<string, { schema: unknown }> }> };
+      expect({ op: op.operationId, has401: '401' in raw.responses, has400: '400' in raw.responses }).toEqual({ op: op.operationId, has401: true, has400: true });
+      for (const [status, response] of Object.entries(raw.responses)) {
+        if (Number(status) >= 400) expect(response.content?.['application/json']?.schema).toEqual(dereference(doc, { $ref: '#/components/schemas/Error' }));
+      }
+    }
+  });
+});
+
+describe('mounting refuses a contract and handlers that disagree', () => {
+  const noop = () => undefined;
+  const auth = { admin: noop as never, user: noop as never };
+  const allHandlers = Object.fromEntries(operations.map((op) => [op.operationId, noop]));
+
+  test('an operation without a handler stops start-up', () => {
+    const { getMe: _omit, ...rest } = allHandlers;
+    expect(() => mountOperations(express.Router(), operations, rest, auth)).toThrow('operation getMe in openapi.yaml has no handler');
+  });
+
+  test('a handler without an operation stops start-up', () => {
+    expect(() => mountOperations(express.Router(), operations, { ...allHandlers, secretBackdoor: noop }, auth)).toThrow(
+      'handlers without an operation in openapi.yaml: secretBackdoor',
+    );
+  });
+
+  test('an operation that declares no security stops start-up', () => {
+    const broken = { ...doc, paths: { '/v1/open': { get: { operationId: 'open', responses: {} } } } };
+    expect(() => listOperations(broken)).toThrow('openapi: open declares no security');
+  });
+});
+
+describe('responses match the documented schemas', () => {
+  let ctx: TestContext;
+  beforeAll(async () => {
+    ctx = await createTestApp();
+  });
+  afterAll(async () => {
+    await ctx.close();
+  });
+
+  const ajv = new Ajv2020({ strict: false, allErrors: true });
+  addFormats(ajv);
+  function expectDocumented(operationId: string, res: request.Response) {
+    const op = operations.find((o) => o.operationId === operationId)!;
+    const raw = dereference(doc, (doc.paths[op.path] as Record<string, unknown>)[op.method]) as {
+      responses: Record<string, { content?: Record<string, { schema: object }> }>;
+    };
+    const documented = raw.responses[String(res.status)];
+    expect({ operationId, status: res.status, documented: documented !== undefined }).toEqual({ operationId, status: res.status, documented: true });
+    const schema = documented!.content?.['application/json']?.schema;
+    if (!schema) return expect(res.text).toBe('');
+    const validate = ajv.compile(schema);
+    expect({ operationId, valid: validate(res.body), errors: validate.errors ?? null }).toEqual({ operationId, valid: true, errors: null });
+  }
+
+  test('for the admin and user APIs, on success and on error', async () => {
+    const created = await request(ctx.app).post('/admin/users').set(admin).send({ email: 'doc@example.com', data: { a: 1 } });
+    expectDocumented('createUser', created);
+    expectDocumented('createUser', await request(ctx.app).post('/admin/users').set(admin).send({ email: 'doc@example.com' }));
+    expectDocumented('createUser', await request(ctx.app).post('/admin/users').set(admin).send({}));
+    expectDocumented('listUsers', await request(ctx.app).get('/admin/users').set(admin));
+    expectDocumented('getUser', await request(ctx.app).get(`/admin/users/${created.body.id}`).set(admin));
+    expectDocumented('getUser', await request(ctx.app).get('/admin/users/999').set(admin));
+    expectDocumented('getUserByEmail', await request(ctx.app).get('/admin/users/email/doc@example.com').set(admin));
+    expectDocumented('updateUser', await request(ctx.app).patch(`/admin/users/${created.body.id}`).set(admin).send({ name: 'Doc' }));
+    const user = await createUser(ctx);
+    const minted = await request(ctx.app).post(`/admin/users/${user.id}/tokens`).set(admin).send({ expires_in: 600 });
+    expectDocumented('mintToken', minted);
+    expectDocumented('listUserTokens', await request(ctx.app).get(`/admin/users/${user.id}/tokens`).set(admin));
+    expectDocumented('getToken', await request(ctx.app).get(`/admin/tokens/${minted.body.id}`).set(admin));
+    expectDocumented('getMe', await request(ctx.app).get('/v1/me').set('X-API-Key', minted.body.token));
+    expectDocumented('getMe', await request(ctx.app).get('/v1/me'));
+    expectDocumented('revokeToken', await request(ctx.app).delete(`/admin/tokens/${minted.body.id}`).set(admin));
+    const second = await mintToken(ctx, user.id);
+    expectDocumented('deleteUser', await request(ctx.app).delete(`/admin/users/${user.id}`).set(admin));
+    expectDocumented('getMe', await request(ctx.app).get('/v1/me').set('X-API-Key', second.token));
+    expectDocumented('getHealth', await request(ctx.app).get('/healthz'));
+    expectDocumented('getReadiness', await request(ctx.app).get('/readyz'));
+  });
+});
