@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { migrateToLatest, openSqlite, type Storage } from '../db/database';
 import { createApp } from './app';
 import { ConfigError, loadConfig } from './config';
+import { answerClientError } from './http/client-errors';
 import { createLogger } from './logger';
 
 /**
@@ -45,6 +46,7 @@ async function main(): Promise<void> {
     const { address, port } = server.address() as AddressInfo;
     logger.info({ host: address, port, database_path: config.databasePath }, 'keyward listening');
   });
+  server.on('clientError', answerClientError);
   server.on('error', (err) => {
     logger.fatal({ err }, 'cannot listen');
     process.exit(1);
