@@ -47,7 +47,7 @@ const HOW_TO_MAKE_A_KEY = 'generate one with `openssl rand -hex 32`';
 // Values people paste from tutorials. Anything at least 32 characters long that still reads like a
 // placeholder, or that has almost no variety in it, is refused as well.
 const PLACEHOLDER_WORDS = ['changeme', 'change-me', 'change_me', 'placeholder', 'replace', 'example', 'your-', 'your_', 'yourtoken', 'yoursecret'];
-const PLACEHOLDERS = new Set(['changeme', 'admin', 'secret', 'password', 'token', 'test', 'admintoken', 'adminapitoken', 'supersecret', 'token']);
+const PLACEHOLDERS = new Set(['changeme', 'admin', 'secret', 'password', 'token', 'test', 'admintoken', 'adminapitoken', 'supersecret']);
 
 function integer(min: number, max: number) {
   return (raw: string, name: string): Parsed<number> => {
@@ -85,7 +85,8 @@ function trustProxy(raw: string, name: string): Parsed<TrustProxy> {
     return bad(`${name}=${raw} would trust X-Forwarded-For from any client; name your proxies (addresses, CIDRs, "loopback") or a hop count`);
   }
   if (/^\d+$/.test(value)) return integer(1, 10)(value, name);
-  const entries = value.split(',').map((e) => e.trim()).filter((e) => e !== '');
+  const entries = value.split(',').map((e) => e.trim());
+  if (entries.includes('')) return bad(`${name} has an empty entry in "${raw}"`);
   const named = new Set(['loopback', 'linklocal', 'uniquelocal']);
   const invalid = entries.filter((e) => !named.has(e) && !isCidrOrAddress(e));
   if (invalid.length > 0) return bad(`${name} has entries that are not addresses, CIDRs or loopback/linklocal/uniquelocal: ${invalid.join(', ')}`);

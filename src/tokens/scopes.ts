@@ -9,6 +9,8 @@ export const DEFAULT_SCOPES = ['bots:read', 'bots:write'];
 /** Folds duplicates and sorts, so equal scope sets are stored and shown the same way. */
 export function normalizeScopes(requested: string[] | undefined, catalog: readonly string[] = BUILT_IN_SCOPES): string[] {
   if (requested === undefined) return [...DEFAULT_SCOPES];
+  // An empty list is not "no restriction": refuse it rather than mint a token that can do nothing.
+  if (requested.length === 0) throw validationError([{ field: 'scopes', in: 'body', message: 'must name at least one scope' }]);
   const unknown = requested.filter((s) => !catalog.includes(s));
   if (unknown.length > 0) {
     throw validationError(

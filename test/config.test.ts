@@ -1,0 +1,342 @@
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { inspect } from 'node:util';
+import { ConfigError, loadConfig, VARIABLES, type Config } from '../src/config';
+
+/** A fixed, well-formed admin key (64 hex characters), so every run is the same. */
+const GOOD_KEY = '3f9a1c0b7e2d4c6a8b5f0e1d2c3b4a5968778695a4b3c2d1e0f1a2b3c4d5e6f7';
+const HOW_TO = 'openssl rand -hex 32';
+
+function configErrorFor(env: Record<string, string | undefined>): ConfigError {
+  try {
+    loadConfig(env);
+  } catch (err) {
+    expect(err).toBeInstanceOf(ConfigError);
+    return err as ConfigError;
+  }
+  throw new Error(`loadConfig accepted ${JSON.stringify(env)}`);
+}
+
+/** Everything a log line, a crash report or a debugger could show of a value. */
+function everyRendering(value: unknown): string {
+  return [
+    JSON.stringify(value),
+    inspect(value, { depth: Infinity, showHidden: true, getters: true, maxArrayLength: Infinity, maxStringLength: Infinity }),
+    String(value),
+  ].join('\n');
+}
+
+const withKey = (env: Record<string, string | undefined> = {}) => ({ ADMIN_API_TOKEN: GOOD_KEY, ...env });
+
+describe('loadConfig', () => {
+  describe('defaults', () => {
+    it('applies the documented default for every optional variable', () => {
+      const config = loadConfig(withKey());
+      expect(config.port).toBe(8056);
+      expect(config.host).toBe('0.0.0.0');
+      expect(config.databasePath).toBe('./data/keyward.db');
+      expect(config.bcryptRounds).toBe(10);
+      expect(config.tokenPrefix).toBe('kw');
+      expect(config.logLevel).toBe('info');
+      expect(config.trustProxy).toBe(false);
+      expect(config.verifyCacheSize).toBe(100000);
+      expect(config.shutdownTimeoutMs).toBe(10000);
+    });
+
+    it('converts SHUTDOWN_TIMEOUT_SECONDS to milliseconds', () => {
+      expect(loadConfig(withKey({ SHUTDOWN_TIMEOUT_SECONDS: '30' })).shutdownTimeoutMs).toBe(30000);
+      expect(loadConfig(withKey({ SHUTDOWN_TIMEOUT_SECONDS: '0' })).shutdownTimeoutMs).toBe(0);
+    });
+
+    it('uses the values it is given instead of the defaults', () => {
+      const config = loadConfig(
+        withKey({
+          PORT: '0',
+          HOST: '127.0.0.1',
+          DATABASE_PATH: '/data/kw.db',
+          BCRYPT_ROUNDS: '12',
+          TOKEN_PREFIX: 'acme2',
+          LOG_LEVEL: 'debug',
+          VERIFY_CACHE_SIZE: '5',
+        }),
+      );
+      expect(config).toMatchObject({
+        port: 0,
+        host: '127.0.0.1',
+        databasePath: '/data/kw.db',
+        bcryptRounds: 12,
+        tokenPrefix: 'acme2',
+        logLevel: 'debug',
+        verifyCacheSize: 5,
+      });
+    });
+  });
+
+  describe('purity', () => {
+    it('reads only the environment it is given, never process.env', () => {
+      const saved = process.env.PORT;
+      process.env.PORT = '1234';
+      try {
+        expect(loadConfig(withKey()).port).toBe(8056);
+      } finally {
+        if (saved === undefined) delete process.env.PORT;
+        else process.env.PORT = saved;
+      }
+    });
+
+    it('does not modify the environment it is given', () => {
+      const env = Object.freeze(withKey({ PORT: '9000' }));
+      expect(() => loadConfig(env)).not.toThrow();
+      expect(env).toEqual({ ADMIN_API_TOKEN: GOOD_KEY, PORT: '9000' });
+    });
+  });
+
+  describe('the returned object', () => {
+    it('is frozen', () => {
+      const config = loadConfig(withKey());
+      expect(Object.isFrozen(config)).toBe(true);
+      expect(() => {
+        (config as { port: number }).port = 1;
+      }).toThrow(TypeError);
+      expect(config.port).toBe(8056);
+    });
+
+    it('holds the sha256 digest of the admin key', () => {
+      const config = loadConfig(withKey());
+      const expected = createHash('sha256').update(GOOD_KEY).digest();
+      expect(Buffer.isBuffer(config.adminKeyDigest)).toBe(true);
+      expect(config.adminKeyDigest.equals(expected)).toBe(true);
+    });
+
+    it('has exactly the keys of the settings table', () => {
+      const config = loadConfig(withKey());
+      expect(Object.keys(config).sort()).toEqual(VARIABLES.map((v) => v.key).sort());
+    });
+
+    it('does not contain the plaintext admin key in any property or rendering', () => {
+      const config = loadConfig(withKey());
+      const rendered = everyRendering(config);
+      expect(rendered).not.toContain(GOOD_KEY);
+      // Nor any recognisable part of it.
+      expect(rendered).not.toContain(GOOD_KEY.slice(0, 16));
+      expect(rendered).not.toContain(GOOD_KEY.slice(-16));
+      expect(rendered).not.toContain(Buffer.from(GOOD_KEY).toString('base64').slice(0, 16));
+      for (const key of Reflect.ownKeys(config)) {
+        const value: unknown = (config as unknown as Record<string | symbol, unknown>)[key];
+        expect(value).not.toBe(GOOD_KEY);
+        if (Buffer.isBuffer(value)) expect(value.toString('utf8')).not.toContain(GOOD_KEY);
+      }
+    });
+  });
+
+  describe('ADMIN_API_TOKEN', () => {
+    const refused: Array<[string, string | undefined]> = [
+      ['missing', undefined],
+      ['empty', ''],
+      ['shorter than 32 characters', '3f9a1c0b7e2d4c6a8b5f0e1d2c3b4a5'],
+      ['the placeholder "changeme"', 'changeme'],
+      ['the placeholder "CHANGEME"', 'CHANGEME'],
+      ['the placeholder "admin"', 'admin'],
+      ['the placeholder "secret"', 'secret'],
+      ['a 32+ character string containing "replace"', 'replace-this-with-a-real-key-0123456789'],
+      ['a 32+ character string containing "example"', 'example0123456789abcdefghijklmnopqrstuvwxyz'],
+      ['a 32+ character string containing "your-"', 'your-admin-api-token-goes-here-9876543210'],
+      ['a string with almost no variety', 'a'.repeat(40)],
+      ['a string of two alternating characters', 'ab'.repeat(20)],
+    ];
+
+    it.each(refused)('is refused when %s, with a message that says how to make one', (_label, value) => {
+      const err = configErrorFor({ ADMIN_API_TOKEN: value });
+      expect(err.problems).toHaveLength(1);
+      expect(err.problems[0]).toContain('ADMIN_API_TOKEN');
+      expect(err.problems[0]).toContain(HOW_TO);
+      expect(err.message).toContain(HOW_TO);
+    });
+
+    // Short words such as "admin" may legitimately appear in any message; look for the longer values.
+    it.each(refused.filter(([, value]) => value !== undefined && value.length >= 8))(
+      'never echoes the refused value when it is %s',
+      (_label, value) => {
+        const err = configErrorFor({ ADMIN_API_TOKEN: value });
+        const rendered = [err.message, ...err.problems, String(err), inspect(err, { depth: Infinity })].join('\n');
+        expect(rendered).not.toContain(value as string);
+      },
+    );
+
+    it('accepts a random 64-character hex key', () => {
+      expect(() => loadConfig({ ADMIN_API_TOKEN: GOOD_KEY })).not.toThrow();
+    });
+
+    it('accepts a key of exactly 32 varied characters', () => {
+      expect(() => loadConfig({ ADMIN_API_TOKEN: GOOD_KEY.slice(0, 32) })).not.toThrow();
+    });
+  });
+
+  describe('reporting', () => {
+    it('reports every bad variable at once, one problem per variable, each naming it', () => {
+      const env = {
+        PORT: 'abc',
+        BCRYPT_ROUNDS: '99',
+        TOKEN_PREFIX: 'KW_',
+        LOG_LEVEL: 'loud',
+        TRUST_PROXY: 'true',
+      };
+      const err = configErrorFor(withKey(env));
+      expect(err.problems).toHaveLength(Object.keys(env).length);
+      for (const name of Object.keys(env)) {
+        const naming = err.problems.filter((p) => new RegExp(`\\b${name}\\b`).test(p));
+        expect(naming).toHaveLength(1);
+        expect(err.message).toContain(naming[0]);
+      }
+    });
+
+    it('reports a missing admin key together with the other problems', () => {
+      const err = configErrorFor({ PORT: 'abc', LOG_LEVEL: 'loud' });
+      expect(err.problems).toHaveLength(3);
+      expect(err.problems.some((p) => p.includes('ADMIN_API_TOKEN'))).toBe(true);
+      expect(err.problems.some((p) => p.includes('PORT'))).toBe(true);
+      expect(err.problems.some((p) => p.includes('LOG_LEVEL'))).toBe(true);
+    });
+
+    it('is a ConfigError and an Error', () => {
+      const err = configErrorFor({});
+      expect(err).toBeInstanceOf(Error);
+      expect(err.name).toBe('ConfigError');
+    });
+  });
+
+  describe('no silent fallbacks', () => {
+    it.each([[''], [' 80'], ['80 '], ['1e3'], ['70000'], ['65536'], ['-1'], ['8056.0'], ['0x50'], ['abc']])(
+      'refuses PORT=%j',
+      (value) => {
+        const err = configErrorFor(withKey({ PORT: value }));
+        expect(err.problems).toHaveLength(1);
+        expect(err.problems[0]).toContain('PORT');
+      },
+    );
+
+    it.each([
+      ['BCRYPT_ROUNDS', '3'],
+      ['BCRYPT_ROUNDS', '16'],
+      ['BCRYPT_ROUNDS', ''],
+      ['TOKEN_PREFIX', ''],
+      ['TOKEN_PREFIX', 'Kw'],
+      ['TOKEN_PREFIX', '9kw'],
+      ['TOKEN_PREFIX', 'a'.repeat(17)],
+      ['LOG_LEVEL', ''],
+      ['LOG_LEVEL', 'INFO'],
+      ['HOST', ''],
+      ['HOST', '   '],
+      ['DATABASE_PATH', ''],
+      ['VERIFY_CACHE_SIZE', '0'],
+      ['SHUTDOWN_TIMEOUT_SECONDS', '601'],
+      ['SHUTDOWN_TIMEOUT_SECONDS', '1.5'],
+    ])('refuses %s=%j', (name, value) => {
+      const err = configErrorFor(withKey({ [name]: value }));
+      expect(err.problems).toHaveLength(1);
+      expect(err.problems[0]).toContain(name);
+    });
+
+    it('accepts a 16-character token prefix', () => {
+      expect(loadConfig(withKey({ TOKEN_PREFIX: 'abcdefghijklmnop' })).tokenPrefix).toBe('abcdefghijklmnop');
+    });
+  });
+
+  describe('TRUST_PROXY', () => {
+    it.each<[string, Config['trustProxy']]>([
+      ['off', false],
+      ['loopback', ['loopback']],
+      ['10.0.0.1', ['10.0.0.1']],
+      ['10.0.0.0/8, ::1', ['10.0.0.0/8', '::1']],
+      ['2', 2],
+    ])('accepts %j', (value, expected) => {
+      expect(loadConfig(withKey({ TRUST_PROXY: value })).trustProxy).toEqual(expected);
+    });
+
+    it.each([['true'], ['on'], ['10.0.0.0/33'], ['::1/129'], ['nonsense'], ['10.0.0.1, nonsense'], ['11'], [','], ['10.0.0.1,,loopback']])(
+      'refuses %j',
+      (value) => {
+        const err = configErrorFor(withKey({ TRUST_PROXY: value }));
+        expect(err.problems).toHaveLength(1);
+        expect(err.problems[0]).toContain('TRUST_PROXY');
+      },
+    );
+  });
+});
+
+describe('the settings table, .env.example and the README agree', () => {
+  const root = join(__dirname, '..');
+  const envExample = readFileSync(join(root, '.env.example'), 'utf8');
+  const readme = readFileSync(join(root, 'README.md'), 'utf8');
+
+  /** NAME -> value, from `NAME=value` or `# NAME=value` lines; plus the comment line just above. */
+  function parseEnvExample(text: string): Map<string, { value: string; commented: boolean; comment: string | undefined }> {
+    const out = new Map<string, { value: string; commented: boolean; comment: string | undefined }>();
+    const lines = text.split(/\r?\n/);
+    lines.forEach((line, i) => {
+      const m = /^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$/.exec(line);
+      if (!m) return;
+      const above = i > 0 ? /^#\s*(.*)$/.exec(lines[i - 1] ?? '') : null;
+      out.set(m[2]!, { value: m[3]!, commented: m[1] !== undefined, comment: above ? above[1] : undefined });
+    });
+    return out;
+  }
+
+  /** NAME -> { default, meaning } from the rows between the config markers. */
+  function parseReadmeTable(text: string): Map<string, { default: string; meaning: string }> {
+    const start = text.indexOf('<!-- config:start');
+    const end = text.indexOf('<!-- config:end -->');
+    if (start < 0 || end < start) throw new Error('README.md has no <!-- config:start … --> … <!-- config:end --> section');
+    const out = new Map<string, { default: string; meaning: string }>();
+    for (const line of text.slice(start, end).split(/\r?\n/)) {
+      const m = /^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|\s*(.*?)\s*\|\s*(.*?)\s*\|\s*$/.exec(line);
+      if (!m) continue;
+      if (out.has(m[1]!)) throw new Error(`README.md lists ${m[1]} twice`);
+      out.set(m[1]!, { default: m[2]!, meaning: m[3]! });
+    }
+    return out;
+  }
+
+  const example = parseEnvExample(envExample);
+  const table = parseReadmeTable(readme);
+
+  it('parses a row for something from both files', () => {
+    expect(example.size).toBeGreaterThan(0);
+    expect(table.size).toBeGreaterThan(0);
+  });
+
+  it.each(VARIABLES.map((v) => [v.name, v] as const))('.env.example lists %s with its default and its doc', (_name, variable) => {
+    const entry = example.get(variable.name);
+    expect(entry).toBeDefined();
+    if (variable.default === undefined) {
+      expect(entry).toMatchObject({ value: '', commented: false });
+    } else {
+      expect(entry).toMatchObject({ value: variable.default, commented: true });
+    }
+    expect(entry!.comment).toBe(variable.doc);
+  });
+
+  it.each(VARIABLES.map((v) => [v.name, v] as const))('the README table lists %s with the same default and doc', (_name, variable) => {
+    const row = table.get(variable.name);
+    expect(row).toBeDefined();
+    expect(row!.default).toBe(variable.default === undefined ? '*(required)*' : `\`${variable.default}\``);
+    expect(row!.meaning).toBe(variable.doc);
+  });
+
+  it('the README table has no variable that the loader does not know', () => {
+    const known = new Set(VARIABLES.map((v) => v.name));
+    expect([...table.keys()].filter((name) => !known.has(name))).toEqual([]);
+  });
+
+  it('.env.example has no variable that the loader does not know', () => {
+    const known = new Set(VARIABLES.map((v) => v.name));
+    expect([...example.keys()].filter((name) => !known.has(name))).toEqual([]);
+  });
+
+  it('the documented defaults load as the defaults', () => {
+    const env: Record<string, string> = { ADMIN_API_TOKEN: GOOD_KEY };
+    for (const [name, entry] of example) if (entry.commented) env[name] = entry.value;
+    expect(loadConfig(env)).toEqual(loadConfig({ ADMIN_API_TOKEN: GOOD_KEY }));
+  });
+});
