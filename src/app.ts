@@ -62,12 +62,12 @@ export function createApp(deps: AppDeps): KeywardApp {
   // the proxy), and the directive would make browsers fetch /docs' scripts over https and fail.
   app.use(helmet({ contentSecurityPolicy: { directives: { upgradeInsecureRequests: null } } }));
   app.use((_req: Request, res: Response, next: NextFunction) => {
+    // Responses can hold a freshly minted token: no cache may keep one.
+    res.setHeader('Cache-Control', 'no-store');
     if (lifecycle.draining) {
       res.setHeader('Connection', 'close');
       throw unavailable('The server is shutting down.');
     }
-    // Responses can hold a freshly minted token: no cache may keep one.
-    res.setHeader('Cache-Control', 'no-store');
     next();
   });
 

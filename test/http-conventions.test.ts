@@ -147,3 +147,19 @@ describe('health, readiness and docs', () => {
     expect(init.text).toContain('X-Admin-API-Key');
   });
 });
+
+describe('while shutting down', () => {
+  test('new requests and readiness get 503 UNAVAILABLE with Connection: close', async () => {
+    const lifecycle = { draining: false };
+    const draining = await createTestApp({ lifecycle });
+    expect((await request(draining.app).get('/readyz')).status).toBe(200);
+    lifecycle.draining = true;
+    for (const res of [await request(draining.app).get('/readyz'), await request(draining.app).get('/admin/users').set(admin)]) {
+      expectError(res, 503, 'UNAVAILABLE');
+      expect(res.headers.connection).toBe('close');
+      expect(res.headers['cache-control']).toBe('no-store');
+      expect(res.headers['retry-after']).toBe('1');
+    }
+    await draining.close();
+  });
+});

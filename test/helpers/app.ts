@@ -5,6 +5,7 @@ import request from 'supertest';
 import { migrateToLatest, openSqlite, type Storage } from '../../db/database';
 import { createApp, type KeywardApp } from '../../src/app';
 import type { Clock } from '../../src/clock';
+import type { Lifecycle } from '../../src/health/health.routes';
 import { loadConfig, type Config } from '../../src/config';
 import { createLogger } from '../../src/logger';
 import type { SecretHasher } from '../../src/tokens/secret-hasher';
@@ -48,14 +49,14 @@ export interface TestContext {
 
 /** The real app on a fresh SQLite database, migrated by the real migrations. */
 export async function createTestApp(
-  options: { env?: Record<string, string>; hasher?: SecretHasher; logDestination?: NodeJS.WritableStream } = {},
+  options: { env?: Record<string, string>; hasher?: SecretHasher; logDestination?: NodeJS.WritableStream; lifecycle?: Lifecycle } = {},
 ): Promise<TestContext> {
   const config = testConfig(options.env);
   const storage = openSqlite(config.databasePath);
   await migrateToLatest(storage.db);
   const clock = new FakeClock();
   const logger = options.logDestination ? createLogger('info', options.logDestination) : createLogger('silent');
-  const app = createApp({ config, db: storage.db, clock, hasher: options.hasher, logger });
+  const app = createApp({ config, db: storage.db, clock, hasher: options.hasher, logger, lifecycle: options.lifecycle });
   return { app, storage, config, clock, http: () => request.agent(app), close: () => storage.close() };
 }
 

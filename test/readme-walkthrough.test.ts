@@ -1,0 +1,152 @@
+import { randomBytes } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import {
+  REPO_ROOT,
+  assertBuilt,
+  makeTempDir,
+  removeTempDirs,
+  runBash,
+  startServer,
+  stopAllServers,
+} from './helpers/server-process';
+
+/**
+ * The README's walkthrough is a promise to a new user: it is run here, as written, against the real
+ * built server. Only the host is changed (localhost:8056 → 127.0.0.1:<free port>).
+ */
+
+const README = readFileSync(join(REPO_ROOT, 'README.md'), 'utf8');
+const FULL_TOKEN = /kw_live_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}/;
+
+function walkthroughBlock(): string {
+  const start = README.indexOf('<!-- walkthrough:start');
+  const end = README.indexOf('<!-- walkthrough:end -->');
+  if (start < 0 || end < start) throw new Error('README.md has no <!-- walkthrough:start … walkthrough:end --> markers');
+  const section = README.slice(start, end);
+  const match = /```bash\n([\s\S]*?)\n```/.exec(section);
+  if (!match) throw new Error('no ```bash block between the walkthrough markers in README.md');
+  return match[1]!;
+}
+
+/**
+ * Splits what the walkthrough prints (curl writes JSON bodies without a trailing newline, so they run
+ * together) into top-level JSON values and other non-blank text, in order.
+ */
+function splitOutput(text: string): Array<{ raw: string; json?: any }> {
+  const parts: Array<{ raw: string; json?: any }> = [];
+  let i = 0;
+  while (i < text.length) {
+    const ch = text[i]!;
+    if (/\s/.test(ch)) {
+      i++;
+    } else if (ch === '{' || ch === '[') {
+      let depth = 0;
+      let inString = false;
+      let j = i;
+      for (; j < text.length; j++) {
+        const c = text[j]!;
+        if (inString) {
+          if (c === '\\') j++;
+          else if (c === '"') inString = false;
+        } else if (c === '"') inString = true;
+        else if (c === '{' || c === '[') depth++;
+        else if (c === '}' || c === ']') {
+          depth--;
+          if (depth === 0) break;
+        }
+      }
+      const raw = text.slice(i, j + 1);
+      parts.push({ raw, json: JSON.parse(raw) });
+      i = j + 1;
+    } else {
+      const nl = text.indexOf('\n', i);
+      const stop = nl < 0 ? text.length : nl;
+      // plain text up to the end of the line or the next JSON value
+      const brace = text.slice(i, stop).search(/[{[]/);
+      const endAt = brace < 0 ? stop : i + brace;
+      parts.push({ raw: text.slice(i, endAt).trim() });
+      i = endAt;
+    }
+  }
+  return parts;
+}
+
+afterEach(async () => {
+  await stopAllServers();
+});
+
+afterAll(() => {
+  removeTempDirs();
+});
+
+describe('README', () => {
+  test('the walkthrough creates a user, mints a token, uses it, lists it masked, revokes it and is refused', async () => {
+    assertBuilt();
+    const block = walkthroughBlock();
+    expect(block).toContain('localhost:8056');
+
+    const dir = makeTempDir('readme');
+    const adminKey = randomBytes(32).toString('hex');
+    writeFileSync(join(dir, '.env'), `ADMIN_API_TOKEN=${adminKey}\n`, { mode: 0o600 });
+    const server = await startServer({
+      env: {
+        ADMIN_API_TOKEN: adminKey,
+        DATABASE_PATH: join(dir, 'data', 'keyward.db'),
+        BCRYPT_ROUNDS: '4',
+        PORT: '0',
+        HOST: '127.0.0.1',
+      },
+      cwd: dir,
+    });
+
+    const script = block.split('localhost:8056').join(`127.0.0.1:${server.port}`);
+    const run = await runBash(script, { cwd: dir, flags: ['-euo', 'pipefail'] });
+    expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: '' });
+
+    const parts = splitOutput(run.stdout);
+    const find = (from: number, what: string, pred: (p: { raw: string; json?: any }) => boolean): number => {
+      const at = parts.findIndex((p, i) => i >= from && pred(p));
+      if (at < 0) throw new Error(`walkthrough output has no ${what} after part ${from}:\n${run.stdout}`);
+      return at;
+    };
+
+    const created = find(0, 'created user', (p) => p.json?.email === 'ada@example.com');
+    expect(parts[created]!.json).toMatchObject({ id: 1, email: 'ada@example.com', name: 'Ada', max_concurrent_bots: 5 });
+    expect(parts[created]!.raw).toContain('"ada@example.com"');
+
+    const me = find(created + 1, '/v1/me response', (p) => p.raw.includes('"user":{"id":1'));
+    expect(parts[me]!.json.user.email).toBe('ada@example.com');
+
+    const listing = find(me + 1, 'masked token listing', (p) => Array.isArray(p.json?.data));
+    expect(parts[listing]!.raw).toContain('"masked":"kw_live_');
+    expect(parts[listing]!.json.data).toHaveLength(1);
+    expect(parts[listing]!.raw).not.toMatch(FULL_TOKEN);
+    expect(parts[listing]!.raw).not.toContain('"token"');
+
+    const revoked = find(listing + 1, '204', (p) => p.raw === '204');
+    const refused = find(revoked + 1, 'API_KEY_REVOKED error', (p) => p.json?.error !== undefined);
+    expect(parts[refused]!.raw).toContain('"code":"API_KEY_REVOKED"');
+    expect(refused).toBe(parts.length - 1);
+
+    // The walkthrough never prints the token or the admin key, and neither reaches the server's log.
+    expect(run.stdout).not.toMatch(FULL_TOKEN);
+    expect(run.stdout).not.toContain(adminKey);
+    expect(server.logs).not.toContain(adminKey);
+    expect(server.logs).not.toMatch(FULL_TOKEN);
+  });
+
+  test('the quick start\'s test command is `npm test`, and npm test runs jest', () => {
+    const start = README.indexOf('## Quick start');
+    expect(start).toBeGreaterThanOrEqual(0);
+    const quickStart = README.slice(start, README.indexOf('\n## ', start + 1));
+    const runTheTests = quickStart.indexOf('Run the tests');
+    expect(runTheTests).toBeGreaterThanOrEqual(0);
+    const afterRunTheTests = quickStart.slice(runTheTests);
+    const block = /```bash\n([\s\S]*?)\n```/.exec(afterRunTheTests);
+    expect(block?.[1]?.trim()).toBe('npm test');
+
+    const pkg = JSON.parse(readFileSync(join(REPO_ROOT, 'package.json'), 'utf8'));
+    expect(pkg.scripts.test).toMatch(/\bjest\b/);
+  });
+});
