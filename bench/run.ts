@@ -1,0 +1,330 @@
+/**
+ * npm run bench [-- --quick]
+ *
+ * Starts the built keyward server (production mode, fresh databases) and a bare Express baseline, and
+ * drives both with autocannon on 127.0.0.1, alternating rounds so drift on a shared machine hits both
+ * alike. Every figure is reported as a ratio to the baseline measured in the same run.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import autocannon from 'autocannon';
+import bcrypt from 'bcrypt';
+import SqliteDatabase from 'better-sqlite3';
+import { checksum, randomBase62 } from '../src/tokens/token-format';
+
+const ROOT = join(__dirname, '..', '..');
+const QUICK = process.argv.includes('--quick');
+const P = QUICK
+  ? { duration: 2, rounds: 1, many: 200, bigUsers: 10_000, bigTokens: 100_000, memoryTokens: 5_000, coldBursts: 2 }
+  : { duration: 8, rounds: 3, many: 1_000, bigUsers: 100_000, bigTokens: 1_000_000, memoryTokens: 100_000, coldBursts: 8 };
+const CONNECTIONS = 50;
+const ADMIN_KEY = randomBytes(32).toString('hex');
+
+interface Load {
+  rps: number;
+  p50: number;
+  p99: number;
+  errors: number;
+  non2xx: number;
+  statuses: Record<string, number>;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
+const log = (msg: string) => process.stderr.write(`bench: ${msg}\n`);
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+const children: ChildProcess[] = [];
+process.on('exit', () => children.forEach((c) => c.kill('SIGKILL')));
+
+async function waitHealthy(url: string, child: ChildProcess, logFile: string): Promise<void> {
+  const deadline = Date.now() + 20_000;
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`server exited: ${readFileSync(logFile, 'utf8').slice(-2000)}`);
+    try {
+      if ((await fetch(url)).ok) return;
+    } catch {
+      /* not up yet */
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`${url} did not answer within 20 s`);
+}
+
+async function startProcess(name: string, args: string[], env: Record<string, string>, dir: string, health: string) {
+  const port = await freePort();
+  const logFile = join(dir, `${name}.log`);
+  const out = openSync(logFile, 'w');
+  // stdout goes to a file, as a container runtime would take it: logging stays on and costs what it costs.
+  const child = spawn(process.execPath, args, {
+    cwd: dir,
+    env: { PATH: process.env.PATH ?? '', NODE_ENV: 'production', PORT: String(port), HOST: '127.0.0.1', ...env },
+    stdio: ['ignore', out, out],
+  });
+  children.push(child);
+  const base = `http://127.0.0.1:${port}`;
+  await waitHealthy(base + health, child, logFile);
+  return { child, base, port, pid: child.pid! };
+}
+
+function peakRssMb(pid: number): number {
+  const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) / 1024 : NaN;
+}
+
+type Request = { method?: string; path?: string; headers?: Record<string, string>; body?: string };
+
+async function load(url: string, opts: { headers?: Record<string, string>; rotate?: string[]; method?: string; body?: string; connections?: number; duration?: number; amount?: number }): Promise<Load> {
+  let i = 0;
+  const rotate = opts.rotate;
+  const result = await autocannon({
+    url,
+    connections: opts.connections ?? CONNECTIONS,
+    ...(opts.amount ? { amount: opts.amount } : { duration: opts.duration ?? P.duration }),
+    method: (opts.method ?? 'GET') as 'GET',
+    headers: opts.headers,
+    body: opts.body,
+    requests: rotate
+      ? [{ setupRequest: (req: Request) => ({ ...req, headers: { ...req.headers, 'x-api-key': rotate[i++ % rotate.length]! } }) }]
+      : undefined,
+  } as autocannon.Options);
+  const statuses: Record<string, number> = {};
+  for (const k of ['1xx', '2xx', '3xx', '4xx', '5xx'] as const) if (result[k]) statuses[k] = result[k];
+  return { rps: result.requests.average, p50: result.latency.p50, p99: result.latency.p99, errors: result.errors + result.timeouts, non2xx: result.non2xx, statuses };
+}
+
+function tokenFor(selector: string, secret: string): string {
+  const body = `kw_live_${selector}_${secret}`;
+  return body + checksum(body);
+}
+
+/** Direct SQL, one transaction: the API would spend hours in bcrypt for a million tokens. */
+function seed(dbPath: string, users: number, tokensPerUser: number, userOffset: number, secretHash: string, keepSelectors: number): string[] {
+  const db = new SqliteDatabase(dbPath);
+  db.pragma('busy_timeout = 10000');
+  const now = new Date().toISOString();
+  const insertUser = db.prepare(
+    'insert into users (email, email_lower, name, max_concurrent_bots, data, disabled_at, deleted_at, created_at, updated_at) values (?, ?, null, 3, null, null, null, ?, ?) returning id',
+  );
+  const insertToken = db.prepare(
+    "insert into tokens (user_id, name, selector, secret_hash, last4, environment, scopes, created_at, expires_at, revoked_at) values (?, null, ?, ?, ?, 'live', 'bots:read bots:write', ?, null, null)",
+  );
+  const kept: string[] = [];
+  db.transaction(() => {
+    for (let u = 0; u < users; u++) {
+      const email = `seed${userOffset + u}@bench.example`;
+      const { id } = insertUser.get(email, email, now, now) as { id: number };
+      for (let t = 0; t < tokensPerUser; t++) {
+        const selector = randomBase62(12);
+        if (kept.length < keepSelectors) kept.push(selector);
+        insertToken.run(id, selector, secretHash, selector.slice(-4), now);
+      }
+    }
+  })();
+  db.close();
+  return kept;
+}
+
+async function api(base: string, method: string, path: string, body?: unknown) {
+  const res = await fetch(base + path, {
+    method,
+    headers: { 'X-Admin-API-Key': ADMIN_KEY, ...(body ? { 'Content-Type': 'application/json' } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${await res.text()}`);
+  return res.json() as Promise<Record<string, unknown>>;
+}
+
+async function warm(base: string, tokens: string[], concurrency = 8): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (next < tokens.length) {
+        const token = tokens[next++]!;
+        const res = await fetch(`${base}/v1/me`, { headers: { 'X-API-Key': token } });
+        if (res.status !== 200) throw new Error(`warming a token: ${res.status} ${await res.text()}`);
+      }
+    }),
+  );
+}
+
+async function timedFirstRequest(base: string, token: string): Promise<number> {
+  const start = process.hrtime.bigint();
+  const res = await fetch(`${base}/v1/me`, { headers: { 'X-API-Key': token } });
+  await res.arrayBuffer();
+  if (res.status !== 200) throw new Error(`cold token: ${res.status}`);
+  return Number(process.hrtime.bigint() - start) / 1e6;
+}
+
+async function main(): Promise<void> {
+  if (!existsSync(join(ROOT, 'dist', 'src', 'server.js'))) throw new Error('dist/src/server.js is missing: run `npm run build`');
+  const dir = mkdtempSync(join(tmpdir(), 'keyward-bench-'));
+  const started = Date.now();
+  log(`${QUICK ? 'quick' : 'full'} run in ${dir}`);
+
+  const serverArgs = [join(ROOT, 'dist', 'src', 'server.js')];
+  const env = (db: string) => ({ ADMIN_API_TOKEN: ADMIN_KEY, DATABASE_PATH: join(dir, db), LOG_LEVEL: 'info' });
+  const baseline = await startProcess('baseline', [join(ROOT, 'bench', 'baseline-server.js')], {}, dir, '/v1/me');
+  const small = await startProcess('keyward-small', serverArgs, env('small.db'), dir, '/readyz');
+  const large = await startProcess('keyward-large', serverArgs, env('large.db'), dir, '/readyz');
+
+  // Small database: one user, a warm token minted through the API (real bcrypt cost), plus seeded ones.
+  const user = await api(small.base, 'POST', '/admin/users', { email: 'bench@example.com', name: 'Bench' });
+  const warmToken = (await api(small.base, 'POST', `/admin/users/${user.id}/tokens`)).token as string;
+  await warm(small.base, [warmToken]);
+  const sharedSecret = randomBase62(32);
+  log('hashing the shared seed secrets');
+  const cheapHash = await bcrypt.hash(sharedSecret, 4);
+  const realHash = await bcrypt.hash(sharedSecret, 10);
+  const manySelectors = seed(join(dir, 'small.db'), 1, P.many, 0, cheapHash, P.many);
+  const many = manySelectors.map((s) => tokenFor(s, sharedSecret));
+  const coldCount = 20 * P.coldBursts + 20;
+  const cold = seed(join(dir, 'small.db'), 1, coldCount, 1, realHash, coldCount).map((s) => tokenFor(s, sharedSecret));
+  log(`warming ${many.length} distinct tokens`);
+  await warm(small.base, many);
+
+  log(`seeding ${P.bigUsers} users and ${P.bigTokens} tokens into the large database`);
+  const seedStart = Date.now();
+  const bigSelectors = seed(join(dir, 'large.db'), P.bigUsers, P.bigTokens / P.bigUsers, 0, cheapHash, P.memoryTokens);
+  log(`seeded in ${((Date.now() - seedStart) / 1000).toFixed(1)} s`);
+  const bigTokens = bigSelectors.map((s) => tokenFor(s, sharedSecret));
+  await warm(large.base, [bigTokens[0]!]);
+
+  const badChecksum = warmToken.slice(0, -1) + (warmToken.endsWith('a') ? 'b' : 'a');
+  const unknownSelector = tokenFor(randomBase62(12), randomBase62(32));
+
+  const scenarios: Array<{ key: string; run: () => Promise<Load> }> = [
+    { key: 'baseline', run: () => load(`${baseline.base}/v1/me`, {}) },
+    { key: 'warm', run: () => load(`${small.base}/v1/me`, { headers: { 'x-api-key': warmToken } }) },
+    { key: 'many', run: () => load(`${small.base}/v1/me`, { rotate: many }) },
+    { key: 'badChecksum', run: () => load(`${small.base}/v1/me`, { headers: { 'x-api-key': badChecksum } }) },
+    { key: 'unknownSelector', run: () => load(`${small.base}/v1/me`, { headers: { 'x-api-key': unknownSelector } }) },
+    { key: 'large', run: () => load(`${large.base}/v1/me`, { headers: { 'x-api-key': bigTokens[0]! } }) },
+  ];
+  const samples: Record<string, Load[]> = {};
+  for (let round = 1; round <= P.rounds; round++) {
+    for (const s of scenarios) {
+      log(`round ${round}/${P.rounds}: ${s.key}`);
+      (samples[s.key] ??= []).push(await s.run());
+    }
+  }
+
+  // Cold verification: what a token's first request costs, then warm traffic while cold ones arrive.
+  log('cold verification');
+  const coldLatencies: number[] = [];
+  for (const token of cold.slice(0, 20)) coldLatencies.push(await timedFirstRequest(small.base, token));
+  const warmLatencies: number[] = [];
+  for (let i = 0; i < 20; i++) warmLatencies.push(await timedFirstRequest(small.base, warmToken));
+  let burstTokens = cold.slice(20);
+  const bursts: Promise<unknown>[] = [];
+  const burstTimer = setInterval(() => {
+    const batch = burstTokens.slice(0, 20);
+    burstTokens = burstTokens.slice(20);
+    if (batch.length === 20) bursts.push(Promise.all(batch.map((t) => timedFirstRequest(small.base, t))));
+  }, (P.duration * 1000) / (P.coldBursts + 1));
+  const warmDuringCold = await load(`${small.base}/v1/me`, { headers: { 'x-api-key': warmToken } });
+  clearInterval(burstTimer);
+  await Promise.all(bursts);
+
+  // Minting: its own throughput, then warm traffic's p99 while it runs.
+  log('minting');
+  const mintPath = `/admin/users/${user.id}/tokens`;
+  const mintHeaders = { 'x-admin-api-key': ADMIN_KEY };
+  const mint = await load(`${small.base}${mintPath}`, { method: 'POST', headers: mintHeaders, connections: 8 });
+  const [warmDuringMint] = await Promise.all([
+    load(`${small.base}/v1/me`, { headers: { 'x-api-key': warmToken } }),
+    load(`${small.base}${mintPath}`, { method: 'POST', headers: mintHeaders, connections: 4 }),
+  ]);
+
+  // Memory: verify many distinct tokens on the large database, then read each server's peak RSS.
+  log(`verifying ${bigTokens.length} distinct tokens on the large database`);
+  const memoryRun = await load(`${large.base}/v1/me`, { rotate: bigTokens, amount: bigTokens.length, connections: 16 });
+
+  const summary = (key: string) => {
+    const xs = samples[key]!;
+    return { rps: median(xs.map((x) => x.rps)), p50: median(xs.map((x) => x.p50)), p99: median(xs.map((x) => x.p99)), non2xx: xs.reduce((a, x) => a + x.non2xx, 0), errors: xs.reduce((a, x) => a + x.errors, 0) };
+  };
+  const base = summary('baseline');
+  const rows: Array<{ scenario: string; rps: number | null; p50: number | null; p99: number | null; note: string }> = [];
+  const add = (scenario: string, l: { rps: number; p50: number; p99: number } | null, note = '') => rows.push({ scenario, rps: l?.rps ?? null, p50: l?.p50 ?? null, p99: l?.p99 ?? null, note });
+  add('baseline: bare Express, 50 connections', base);
+  const warmS = summary('warm');
+  add('GET /v1/me, warm token', warmS);
+  add(`GET /v1/me, ${P.many.toLocaleString('en')} distinct warm tokens`, summary('many'));
+  add('bad checksum (401)', summary('badChecksum'));
+  add('unknown selector (401)', summary('unknownSelector'));
+  add('cold verification: first request, one at a time', { rps: NaN, p50: median(coldLatencies), p99: Math.max(...coldLatencies) }, `warm request one at a time: ${median(warmLatencies).toFixed(2)} ms`);
+  add(`GET /v1/me, warm, while bursts of 20 cold tokens arrive`, warmDuringCold, `${P.coldBursts} bursts`);
+  add('POST /admin/users/{id}/tokens (mint), 8 connections', mint);
+  add('GET /v1/me, warm, while minting (4 connections)', warmDuringMint);
+  const largeS = summary('large');
+  add(`large database: ${P.bigUsers.toLocaleString('en')} users, ${P.bigTokens.toLocaleString('en')} tokens, warm GET /v1/me`, largeS);
+  add(`${bigTokens.length.toLocaleString('en')} distinct tokens verified once each (bcrypt cost 4), 16 connections`, memoryRun);
+
+  const rssSmall = peakRssMb(small.pid);
+  const rssLarge = peakRssMb(large.pid);
+  const ratio = (a: number, b: number) => (Number.isFinite(a) && Number.isFinite(b) && b > 0 ? a / b : NaN);
+  const fmt = (x: number | null, digits = 0) => (x === null || !Number.isFinite(x) ? '–' : x.toLocaleString('en', { maximumFractionDigits: digits, minimumFractionDigits: digits }));
+
+  const targets = [
+    { what: 'warm GET /v1/me throughput ≥ 0.85× baseline', value: ratio(warmS.rps, base.rps), ok: (v: number) => v >= 0.85, unit: '×' },
+    { what: 'warm GET /v1/me p99 ≤ 1.3× baseline p99', value: ratio(warmS.p99, base.p99), ok: (v: number) => v <= 1.3, unit: '×' },
+    { what: `${P.bigTokens.toLocaleString('en')} tokens within 5% of the small database`, value: ratio(largeS.rps, warmS.rps), ok: (v: number) => v >= 0.95, unit: '×' },
+    { what: 'warm p99 during cold verifications ≤ 2× warm p99', value: ratio(warmDuringCold.p99, warmS.p99), ok: (v: number) => v <= 2, unit: '×' },
+    { what: 'warm p99 during minting ≤ 2× warm p99', value: ratio(warmDuringMint.p99, warmS.p99), ok: (v: number) => v <= 2, unit: '×' },
+    { what: 'refusing a bad checksum at least as fast as the warm hot path', value: ratio(summary('badChecksum').rps, warmS.rps), ok: (v: number) => v >= 1, unit: '×' },
+    { what: `peak RSS < 200 MB with ${bigTokens.length.toLocaleString('en')} distinct tokens verified`, value: rssLarge, ok: (v: number) => v < 200, unit: ' MB' },
+  ];
+
+  const machine = `${cpus().length} cores (${cpus()[0]?.model.trim() ?? 'unknown'}), Node ${process.version}, ${QUICK ? 'quick' : 'full'} mode: ${P.rounds} round(s) of ${P.duration} s per scenario, ${CONNECTIONS} connections unless noted`;
+  const lines = [
+    `# keyward benchmark (${new Date().toISOString()})`,
+    '',
+    machine,
+    '',
+    '| scenario | req/s | × baseline | p50 ms | p99 ms | p99 × baseline | note |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | --- |',
+    ...rows.map((r) => `| ${r.scenario} | ${fmt(r.rps)} | ${fmt(ratio(r.rps ?? NaN, base.rps), 2)} | ${fmt(r.p50, 1)} | ${fmt(r.p99, 1)} | ${fmt(ratio(r.p99 ?? NaN, base.p99), 2)} | ${r.note} |`),
+    '',
+    `Peak RSS: small-database server ${rssSmall.toFixed(0)} MB, large-database server ${rssLarge.toFixed(0)} MB.`,
+    '',
+    '| target | measured | |',
+    '| --- | ---: | --- |',
+    ...targets.map((t) => `| ${t.what} | ${fmt(t.value, 2)}${t.unit} | ${t.ok(t.value) ? 'met' : '**missed**'} |`),
+    '',
+    `Errors: ${Object.entries(samples).map(([k, xs]) => `${k} ${xs.reduce((a, x) => a + x.errors, 0)}`).join(', ')}; non-2xx where 2xx expected: warm ${warmS.non2xx}, large ${largeS.non2xx}, many ${summary('many').non2xx}, distinct-token run ${memoryRun.non2xx}.`,
+    `Run took ${((Date.now() - started) / 1000).toFixed(0)} s.`,
+  ];
+  const markdown = lines.join('\n') + '\n';
+  process.stdout.write(markdown);
+  const out = join(ROOT, 'bench', 'results');
+  mkdirSync(out, { recursive: true });
+  writeFileSync(join(out, 'latest.md'), markdown);
+  writeFileSync(join(out, 'latest.json'), JSON.stringify({ machine, quick: QUICK, params: P, rows, samples, targets: targets.map((t) => ({ what: t.what, value: t.value, met: t.ok(t.value) })), rss_mb: { small: rssSmall, large: rssLarge } }, null, 2));
+
+  for (const c of children) c.kill('SIGTERM');
+  rmSync(dir, { recursive: true, force: true });
+  const sanity = warmS.non2xx + largeS.non2xx + summary('many').non2xx + memoryRun.non2xx;
+  if (sanity > 0) {
+    log(`FAILED: ${sanity} non-2xx answers where every request should have succeeded`);
+    process.exit(1);
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench failed: ${err instanceof Error ? err.stack : String(err)}\n`);
+  process.exit(1);
+});
