@@ -1,5 +1,4 @@
-import express, { type Express, type NextFunction, type Request, type Response } from 'express';
-import helmet from 'helmet';
+import express, { type Express } from 'express';
 import type { Db } from '../db/database';
 import { requireAdmin } from './auth/admin-auth';
 import { TokenVerifier } from './auth/token-verifier';
@@ -9,9 +8,10 @@ import type { Config } from './config';
 import { docsRouter } from './docs/docs.routes';
 import { healthHandlers, type Lifecycle } from './health/health.routes';
 import { errorHandler } from './http/error-handler';
-import { AppError, unavailable } from './http/errors';
+import { AppError } from './http/errors';
 import { mountOperations } from './http/operations';
-import { requestId, requestLog } from './http/request-context';
+import { requestContext } from './http/request-context';
+import { securityHeaders } from './http/security-headers';
 import { createLogger, type Logger } from './logger';
 import { meHandlers } from './me/me.routes';
 import { listOperations, loadSpec } from './openapi/spec';
@@ -56,23 +56,9 @@ export function createApp(deps: AppDeps): KeywardApp {
   app.set('etag', false);
   app.set('trust proxy', config.trustProxy);
 
-  app.use(requestId);
-  app.use(requestLog(logger));
-  // No upgrade-insecure-requests: self-hosters often serve plain HTTP inside their network (TLS at
-  // the proxy), and the directive would make browsers fetch /docs' scripts over https and fail.
-  app.use(helmet({ contentSecurityPolicy: { directives: { upgradeInsecureRequests: null } } }));
-  app.use((_req: Request, res: Response, next: NextFunction) => {
-    // Responses can hold a freshly minted token: no cache may keep one.
-    res.setHeader('Cache-Control', 'no-store');
-    if (lifecycle.draining) {
-      res.setHeader('Connection', 'close');
-      throw unavailable('The server is shutting down.');
-    }
-    next();
-  });
+  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining));
 
   const doc = loadSpec();
-  app.use(docsRouter(doc));
   const router = express.Router();
   mountOperations(
     router,
@@ -81,6 +67,7 @@ export function createApp(deps: AppDeps): KeywardApp {
     { admin: requireAdmin(config.adminKeyDigest), user: requireUser(verifier) },
   );
   app.use(router);
+  app.use(docsRouter(doc));
 
   app.use(() => {
     throw new AppError(404, 'NOT_FOUND', 'No such route.');

@@ -1,5 +1,7 @@
 import { Writable } from 'node:stream';
 import express from 'express';
+import helmet from 'helmet';
+import { HELMET_OPTIONS } from '../src/http/security-headers';
 import request from 'supertest';
 import { errorHandler } from '../src/http/error-handler';
 import { createLogger } from '../src/logger';
@@ -161,5 +163,21 @@ describe('while shutting down', () => {
       expect(res.headers['retry-after']).toBe('1');
     }
     await draining.close();
+  });
+});
+
+describe('security headers', () => {
+  test('every response carries exactly the headers helmet itself would set', async () => {
+    const plain = express();
+    plain.use(helmet(HELMET_OPTIONS));
+    plain.get('/x', (_req, res) => {
+      res.json({});
+    });
+    const reference = (await request(plain).get('/x')).headers;
+    const ours = (await request(ctx.app).get('/healthz')).headers;
+    const helmetNames = Object.keys(reference).filter((h) => !['content-type', 'content-length', 'etag', 'date', 'connection', 'keep-alive'].includes(h));
+    expect(helmetNames.length).toBeGreaterThanOrEqual(10);
+    for (const name of helmetNames) expect({ name, value: ours[name] }).toEqual({ name, value: reference[name] });
+    expect(ours['x-powered-by']).toBeUndefined();
   });
 });

@@ -1,13 +1,13 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
-import type { NextFunction, Request, Response } from 'express';
 import { AppError } from '../http/errors';
+import type { Guard } from '../http/operations';
 
 /**
  * The one auth path for /admin. Both sides are hashed to 32 bytes first, so the comparison takes the
  * same time whatever the length or content of what was sent.
  */
-export function requireAdmin(adminKeyDigest: Buffer) {
-  return (req: Request, _res: Response, next: NextFunction): void => {
+export function requireAdmin(adminKeyDigest: Buffer): Guard {
+  return (req) => {
     const sent = req.headers['x-admin-api-key'];
     if (typeof sent !== 'string' || sent === '') {
       const userKey = req.headers['x-api-key'] !== undefined || req.headers.authorization !== undefined;
@@ -22,6 +22,5 @@ export function requireAdmin(adminKeyDigest: Buffer) {
     if (!timingSafeEqual(createHash('sha256').update(sent).digest(), adminKeyDigest)) {
       throw new AppError(401, 'INVALID_ADMIN_KEY', 'The admin key is not valid.');
     }
-    next();
   };
 }

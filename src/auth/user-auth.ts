@@ -1,4 +1,5 @@
-import type { NextFunction, Request, Response } from 'express';
+import type { Request, Response } from 'express';
+import type { Guard } from '../http/operations';
 import { AppError } from '../http/errors';
 import type { AuthContext, TokenVerifier } from './token-verifier';
 
@@ -23,10 +24,9 @@ function presentedKey(req: Request): string {
 }
 
 /** The one auth path for /v1: anything it does not understand is a refusal. */
-export function requireUser(verifier: TokenVerifier) {
-  return async (req: Request, res: Response, next: NextFunction): Promise<void> => {
+export function requireUser(verifier: TokenVerifier): Guard {
+  return async (req, res) => {
     res.locals.auth = await verifier.verify(presentedKey(req));
-    next();
   };
 }
 

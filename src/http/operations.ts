@@ -1,9 +1,11 @@
-import express, { type NextFunction, type Request, type RequestHandler, type Response, type Router } from 'express';
+import express, { type Request, type Response, type Router } from 'express';
 import type { AuthKind, OperationSpec } from '../openapi/spec';
 import { AppError } from './errors';
 import { buildValidator, type ValidatedInput } from './validation';
 
 export type Handler = (req: Request, res: Response) => unknown;
+/** An auth check: returns when the caller may go on, throws an AppError otherwise. */
+export type Guard = (req: Request, res: Response) => void | Promise<void>;
 
 const BODY_LIMIT = '64kb';
 const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i;
@@ -18,8 +20,11 @@ export function input(res: Response): ValidatedInput {
   return res.locals.input as ValidatedInput;
 }
 
-// Static segments before parameters, so /admin/users/email/{email} is tried before /admin/users/{id}/…
+// The user API first: it is the hot path, and Express tries routes in order. Then static segments
+// before parameters, so /admin/users/email/{email} is tried before /admin/users/{id}/…
 function compareSpecificity(a: OperationSpec, b: OperationSpec): number {
+  const aUser = a.auth === 'user';
+  if (aUser !== (b.auth === 'user')) return aUser ? -1 : 1;
   const as = a.path.split('/');
   const bs = b.path.split('/');
   for (let i = 0; i < Math.min(as.length, bs.length); i++) {
@@ -31,50 +36,45 @@ function compareSpecificity(a: OperationSpec, b: OperationSpec): number {
 }
 
 /**
- * Mounts every operation of the contract: auth first (an anonymous caller learns nothing about the
- * body it sent), then the body, then validation, then the handler. Throws at start-up if the contract
- * and the handlers disagree in either direction.
+ * Mounts every operation of the contract as one route handler: auth first (an anonymous caller learns
+ * nothing about the body it sent), then the body, then validation, then the handler. Throws at
+ * start-up if the contract and the handlers disagree in either direction.
  */
 export function mountOperations(
   router: Router,
   operations: OperationSpec[],
   handlers: Record<string, Handler>,
-  auth: Record<Exclude<AuthKind, 'none'>, RequestHandler>,
+  guards: Record<Exclude<AuthKind, 'none'>, Guard>,
 ): void {
   const known = new Set(operations.map((o) => o.operationId));
   const orphans = Object.keys(handlers).filter((id) => !known.has(id));
   if (orphans.length > 0) throw new Error(`handlers without an operation in openapi.yaml: ${orphans.join(', ')}`);
 
   const jsonParser = express.json({ limit: BODY_LIMIT, strict: true, type: () => true });
+  const parseJson = (req: Request, res: Response) =>
+    new Promise<void>((resolve, reject) => jsonParser(req, res, (err?: unknown) => (err ? reject(err) : resolve())));
   const sorted = [...operations].sort(compareSpecificity);
 
   for (const op of sorted) {
     const handler = handlers[op.operationId];
     if (!handler) throw new Error(`operation ${op.operationId} in openapi.yaml has no handler`);
     const validate = buildValidator(op);
-    const chain: RequestHandler[] = [
-      (_req, res, next) => {
-        res.locals.operationId = op.operationId;
-        res.locals.routePath = op.path;
-        next();
-      },
-    ];
-    if (op.auth !== 'none') chain.push(auth[op.auth]);
-    if (op.requestBody) {
-      chain.push((req, _res, next) => {
-        if (!hasBody(req)) return next();
+    const guard = op.auth === 'none' ? undefined : guards[op.auth];
+    router[op.method](op.expressPath, async (req: Request, res: Response) => {
+      res.locals.operationId = op.operationId;
+      res.locals.routePath = op.path;
+      if (guard) await guard(req, res);
+      const withBody = hasBody(req);
+      if (op.requestBody && withBody) {
         if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {
           throw new AppError(415, 'UNSUPPORTED_MEDIA_TYPE', 'The request body must be JSON (Content-Type: application/json).');
         }
-        jsonParser(req, _res, next);
-      });
-    }
-    chain.push(async (req: Request, res: Response, next: NextFunction) => {
-      res.locals.input = validate({ params: req.params, query: req.query as Record<string, unknown>, body: req.body, hasBody: hasBody(req) });
+        await parseJson(req, res);
+      }
+      res.locals.input = validate({ params: req.params, query: req.query as Record<string, unknown>, body: req.body, hasBody: withBody });
       await handler(req, res);
-      if (!res.headersSent) next(new Error(`${op.operationId} sent no response`));
+      if (!res.headersSent) throw new Error(`${op.operationId} sent no response`);
     });
-    router[op.method](op.expressPath, ...chain);
   }
 
   const methodsByPath = new Map<string, string[]>();

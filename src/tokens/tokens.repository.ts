@@ -1,3 +1,4 @@
+import { CompiledQuery } from 'kysely';
 import type { Db } from '../../db/database';
 import type { NewTokenRow, TokenRow } from '../../db/schema';
 import type { PageRequest } from '../http/pagination';
@@ -64,7 +65,24 @@ export interface CredentialRow {
   deleted_at: string | null;
 }
 
+// This lookup runs on every authenticated request. Building and compiling the query costs more than
+// executing it, so it is compiled once per database (by that database's own dialect, so it stays
+// portable) and executed with the selector as its only parameter.
+const compiledLookups = new WeakMap<Db, string>();
+
 export async function findCredentialBySelector(db: Db, selector: string): Promise<CredentialRow | undefined> {
+  let text = compiledLookups.get(db);
+  if (text === undefined) {
+    const compiled = credentialQuery(db, selector).compile();
+    if (compiled.parameters.length !== 1) throw new Error('the credential lookup must take exactly one parameter');
+    text = compiled.sql;
+    compiledLookups.set(db, text);
+  }
+  const { rows } = await db.executeQuery<CredentialRow>(CompiledQuery.raw(text, [selector]));
+  return rows[0];
+}
+
+function credentialQuery(db: Db, selector: string) {
   return db
     .selectFrom('tokens')
     .innerJoin('users', 'users.id', 'tokens.user_id')
@@ -84,6 +102,5 @@ export async function findCredentialBySelector(db: Db, selector: string): Promis
       'users.disabled_at',
       'users.deleted_at',
     ])
-    .where('tokens.selector', '=', selector)
-    .executeTakeFirst();
+    .where('tokens.selector', '=', selector);
 }
