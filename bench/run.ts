@@ -138,6 +138,12 @@ function seed(dbPath: string, users: number, tokensPerUser: number, userOffset: 
   return kept;
 }
 
+/**
+ * Seeding blocks this process's event loop for seconds, during which the servers close idle
+ * keep-alive sockets; let the HTTP client see those closes before it sends anything again.
+ */
+const settle = () => new Promise((resolve) => setTimeout(resolve, 250));
+
 async function api(base: string, method: string, path: string, body?: unknown) {
   const res = await fetch(base + path, {
     method,
@@ -193,6 +199,7 @@ async function main(): Promise<void> {
   const many = manySelectors.map((s) => tokenFor(s, sharedSecret));
   const coldCount = 20 * P.coldBursts + 20;
   const cold = seed(join(dir, 'small.db'), 1, coldCount, 1, realHash, coldCount).map((s) => tokenFor(s, sharedSecret));
+  await settle();
   log(`warming ${many.length} distinct tokens`);
   await warm(small.base, many);
 
@@ -201,6 +208,7 @@ async function main(): Promise<void> {
   const bigSelectors = seed(join(dir, 'large.db'), P.bigUsers, P.bigTokens / P.bigUsers, 0, cheapHash, P.memoryTokens);
   log(`seeded in ${((Date.now() - seedStart) / 1000).toFixed(1)} s`);
   const bigTokens = bigSelectors.map((s) => tokenFor(s, sharedSecret));
+  await settle();
   await warm(large.base, [bigTokens[0]!]);
 
   const badChecksum = warmToken.slice(0, -1) + (warmToken.endsWith('a') ? 'b' : 'a');
