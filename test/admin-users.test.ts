@@ -54,6 +54,20 @@ describe('POST /admin/users', () => {
     expect(await ctx.storage.db.selectFrom('users').select('id').execute()).toHaveLength(1);
   });
 
+  test('lets exactly one of several concurrent creates with the same email win; the others get 409', async () => {
+    const results = await Promise.all(
+      ['race@example.com', 'RACE@example.com', 'Race@Example.com', 'race@EXAMPLE.com'].map((email) =>
+        request(ctx.app).post('/admin/users').set(admin).send({ email }),
+      ),
+    );
+    const created = results.filter((r) => r.status === 201);
+    expect(created).toHaveLength(1);
+    for (const r of results.filter((x) => x.status !== 201)) {
+      expect(expectError(r, 409, 'CONFLICT').details).toEqual({ existing_id: created[0]!.body.id });
+    }
+    expect(await ctx.storage.db.selectFrom('users').select('id').execute()).toHaveLength(1);
+  });
+
   test.each([
     ['a missing email', { name: 'x' }, 'email', 'is required'],
     ['an invalid email', { email: 'not-an-email' }, 'email', 'must match format "email"'],
