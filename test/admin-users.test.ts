@@ -99,6 +99,15 @@ describe('POST /admin/users', () => {
     expect(await ctx.storage.db.selectFrom('users').select('id').execute()).toHaveLength(0);
   });
 
+  test('refuses data nested deeper than 32 levels with 400, never a 500', async () => {
+    const deep = (n: number) => `{"email":"deep@example.com","data":{"a":${'['.repeat(n)}${']'.repeat(n)}}}`;
+    for (const depth of [40, 30_000]) {
+      const res = await request(ctx.app).post('/admin/users').set(admin).set('Content-Type', 'application/json').send(deep(depth));
+      expect(expectError(res, 400, 'VALIDATION_ERROR').details).toEqual([{ field: 'data', in: 'body', message: 'must not nest deeper than 32 levels' }]);
+    }
+    expect((await request(ctx.app).post('/admin/users').set(admin).set('Content-Type', 'application/json').send(deep(30))).status).toBe(201);
+  });
+
   test('stores a __proto__ key in data as plain data', async () => {
     const res = await request(ctx.app)
       .post('/admin/users')

@@ -50,8 +50,25 @@ export interface UpdateUserInput {
   disabled?: boolean;
 }
 
+export const MAX_DATA_DEPTH = 32;
+
+/** Iterative, so a hostile body cannot exhaust the stack here (JSON.stringify would, with a 500). */
+function nestedDeeperThan(value: unknown, max: number): boolean {
+  const stack: Array<[unknown, number]> = [[value, 1]];
+  while (stack.length > 0) {
+    const [current, depth] = stack.pop()!;
+    if (typeof current !== 'object' || current === null) continue;
+    if (depth > max) return true;
+    for (const child of Object.values(current)) stack.push([child, depth + 1]);
+  }
+  return false;
+}
+
 function serializeData(data: Record<string, unknown> | null | undefined): string | null {
   if (data === undefined || data === null) return null;
+  if (nestedDeeperThan(data, MAX_DATA_DEPTH)) {
+    throw validationError([{ field: 'data', in: 'body', message: `must not nest deeper than ${MAX_DATA_DEPTH} levels` }]);
+  }
   const text = JSON.stringify(data);
   if (Buffer.byteLength(text) > MAX_DATA_BYTES) {
     throw validationError([{ field: 'data', in: 'body', message: `must be at most ${MAX_DATA_BYTES} bytes as JSON` }]);
