@@ -41,7 +41,7 @@ export interface KeywardApp extends Express {
 export function createApp(deps: AppDeps): KeywardApp {
   const { config, db } = deps;
   const clock = deps.clock ?? systemClock;
-  const hasher = deps.hasher ?? bcryptHasher(config.bcryptRounds);
+  const hasher = deps.hasher ?? bcryptHasher(config.bcryptRounds, config.bcryptConcurrency);
   const logger = deps.logger ?? createLogger(config.logLevel);
   const lifecycle = deps.lifecycle ?? { draining: false };
 

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
 import { isIP } from 'node:net';
+import { availableParallelism } from 'node:os';
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 export type TrustProxy = false | number | string[];
@@ -15,6 +16,7 @@ export interface Config {
   readonly logLevel: LogLevel;
   readonly trustProxy: TrustProxy;
   readonly verifyCacheSize: number;
+  readonly bcryptConcurrency: number;
   readonly shutdownTimeoutMs: number;
 }
 
@@ -113,6 +115,9 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'Reverse proxies whose X-Forwarded-For is believed: off, a hop count, or addresses/CIDRs/loopback, comma-separated.' },
   { name: 'VERIFY_CACHE_SIZE', key: 'verifyCacheSize', default: '100000', parse: integer(1, 10_000_000),
     doc: 'How many verified tokens each process remembers so that bcrypt runs once per token.' },
+  { name: 'BCRYPT_CONCURRENCY', key: 'bcryptConcurrency', default: 'auto',
+    doc: 'How many bcrypt checks run at once; auto = CPU cores - 1 (at least 1), leaving a core for requests.',
+    parse: (raw, name) => (raw === 'auto' ? ok(Math.max(1, availableParallelism() - 1)) : integer(1, 64)(raw, name)) },
   { name: 'SHUTDOWN_TIMEOUT_SECONDS', key: 'shutdownTimeoutMs', default: '10',
     doc: 'On SIGTERM/SIGINT, how long in-flight requests may take before connections are closed.',
     parse: (raw, name) => {

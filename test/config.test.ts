@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { availableParallelism } from 'node:os';
 import { inspect } from 'node:util';
 import { ConfigError, loadConfig, VARIABLES, type Config } from '../src/config';
 
@@ -338,5 +339,21 @@ describe('the settings table, .env.example and the README agree', () => {
     const env: Record<string, string> = { ADMIN_API_TOKEN: GOOD_KEY };
     for (const [name, entry] of example) if (entry.commented) env[name] = entry.value;
     expect(loadConfig(env)).toEqual(loadConfig({ ADMIN_API_TOKEN: GOOD_KEY }));
+  });
+});
+
+describe('BCRYPT_CONCURRENCY', () => {
+  it('defaults to auto: one less than the CPU cores, at least 1', () => {
+    expect(loadConfig(withKey()).bcryptConcurrency).toBe(Math.max(1, availableParallelism() - 1));
+  });
+
+  it('takes a whole number from 1 to 64', () => {
+    expect(loadConfig(withKey({ BCRYPT_CONCURRENCY: '3' })).bcryptConcurrency).toBe(3);
+  });
+
+  it.each([['0'], ['65'], ['two'], ['']])('refuses %j', (value) => {
+    const err = configErrorFor(withKey({ BCRYPT_CONCURRENCY: value }));
+    expect(err.problems).toHaveLength(1);
+    expect(err.problems[0]).toContain('BCRYPT_CONCURRENCY');
   });
 });

@@ -5,7 +5,7 @@ import { ADMIN_KEY, admin, createTestApp, createUser, expectError, mintToken, ty
 
 /** The real bcrypt, counted: a fake would prove nothing about what the hot path calls. */
 class CountingHasher implements SecretHasher {
-  private readonly real = bcryptHasher(4);
+  private readonly real = bcryptHasher(4, 2);
   verifyCalls = 0;
   hash(secret: string) {
     return this.real.hash(secret);
