@@ -3,6 +3,7 @@ import { LRUCache } from 'lru-cache';
 import type { Db } from '../../db/database';
 import { type Clock, isoNow } from '../clock';
 import { AppError } from '../http/errors';
+import { DigestCache } from './digest-cache';
 import type { SecretHasher } from '../tokens/secret-hasher';
 import { parseScopes } from '../tokens/scopes';
 import { maskToken, parseToken } from '../tokens/token-format';
@@ -35,7 +36,7 @@ export interface VerifierStats {
  */
 export class TokenVerifier {
   /** token id → sha256(full token) of a token whose secret bcrypt has accepted. */
-  private readonly verified: LRUCache<number, Buffer>;
+  private readonly verified: DigestCache;
   /** sha256(full token) of tokens bcrypt has refused: repeating a wrong token costs no bcrypt. */
   private readonly refused = new LRUCache<string, true>({ max: 10_000 });
   /** selector → failed bcrypt checks in the current window. */
@@ -47,7 +48,7 @@ export class TokenVerifier {
   constructor(
     private readonly deps: { db: Db; clock: Clock; hasher: SecretHasher; tokenPrefix: string; cacheSize: number },
   ) {
-    this.verified = new LRUCache({ max: deps.cacheSize });
+    this.verified = new DigestCache(deps.cacheSize);
   }
 
   async verify(presented: string): Promise<AuthContext> {
