@@ -1,5 +1,4 @@
-import { CompiledQuery } from 'kysely';
-import type { Db } from '../../db/database';
+import { type Db, hotRead } from '../../db/database';
 import type { NewTokenRow, TokenRow } from '../../db/schema';
 import type { PageRequest } from '../http/pagination';
 
@@ -67,19 +66,18 @@ export interface CredentialRow {
 
 // This lookup runs on every authenticated request. Building and compiling the query costs more than
 // executing it, so it is compiled once per database (by that database's own dialect, so it stays
-// portable) and executed with the selector as its only parameter.
-const compiledLookups = new WeakMap<Db, string>();
+// portable) and run through the seam's hot-read path with the selector as its only parameter.
+const compiledLookups = new WeakMap<Db, (parameters: readonly unknown[]) => Promise<CredentialRow | undefined>>();
 
 export async function findCredentialBySelector(db: Db, selector: string): Promise<CredentialRow | undefined> {
-  let text = compiledLookups.get(db);
-  if (text === undefined) {
+  let lookup = compiledLookups.get(db);
+  if (lookup === undefined) {
     const compiled = credentialQuery(db, selector).compile();
     if (compiled.parameters.length !== 1) throw new Error('the credential lookup must take exactly one parameter');
-    text = compiled.sql;
-    compiledLookups.set(db, text);
+    lookup = hotRead<CredentialRow>(db, compiled);
+    compiledLookups.set(db, lookup);
   }
-  const { rows } = await db.executeQuery<CredentialRow>(CompiledQuery.raw(text, [selector]));
-  return rows[0];
+  return lookup([selector]);
 }
 
 function credentialQuery(db: Db, selector: string) {
