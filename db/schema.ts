@@ -34,6 +34,14 @@ export interface TokensTable {
   created_at: string;
   expires_at: string | null;
   revoked_at: string | null;
+  /** JSON array of addresses and CIDR ranges the token may be used from; NULL means anywhere. */
+  allowed_ips: string | null;
+  /** The token this one replaced by rotation, and the one that replaced it. */
+  rotated_from: number | null;
+  rotated_to: number | null;
+  /** Written in batches by the last-use recorder, never on the request path. */
+  last_used_at: string | null;
+  last_used_ip: string | null;
 }
 
 export interface Database {
@@ -46,3 +54,4 @@ export type NewUserRow = Insertable<UsersTable>;
 export type UserUpdate = Updateable<UsersTable>;
 export type TokenRow = Selectable<TokensTable>;
 export type NewTokenRow = Insertable<TokensTable>;
+export type TokenUpdate = Updateable<TokensTable>;

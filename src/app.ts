@@ -16,7 +16,9 @@ import { createLogger, type Logger } from './logger';
 import { meHandlers } from './me/me.routes';
 import { listOperations, loadSpec } from './openapi/spec';
 import { bcryptHasher, type SecretHasher } from './tokens/secret-hasher';
-import { tokensHandlers } from './tokens/tokens.routes';
+import { LastUseRecorder } from './tokens/last-use';
+import { BUILT_IN_SCOPES, scopeCatalog } from './tokens/scopes';
+import { selfServiceTokensHandlers, tokensHandlers } from './tokens/tokens.routes';
 import { TokensService } from './tokens/tokens.service';
 import { usersHandlers } from './users/users.routes';
 import { UsersService } from './users/users.service';
@@ -32,6 +34,8 @@ export interface AppDeps {
 
 export interface KeywardApp extends Express {
   readonly verifier: TokenVerifier;
+  /** Last use of each token, written in batches; server.ts stops it (flushing) before closing the database. */
+  readonly lastUse: LastUseRecorder;
 }
 
 /**
@@ -45,12 +49,25 @@ export function createApp(deps: AppDeps): KeywardApp {
   const logger = deps.logger ?? createLogger(config.logLevel);
   const lifecycle = deps.lifecycle ?? { draining: false };
 
+  const catalog = scopeCatalog(config.extraScopes);
+  const lastUse = new LastUseRecorder({ db, clock, logger });
+  lastUse.start();
   const users = new UsersService({ db, clock });
-  const tokens = new TokensService({ db, clock, hasher, tokenPrefix: config.tokenPrefix, users });
-  const verifier = new TokenVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, cacheSize: config.verifyCacheSize });
+  const tokens = new TokensService({
+    db,
+    clock,
+    hasher,
+    tokenPrefix: config.tokenPrefix,
+    users,
+    lastUse,
+    scopeCatalog: catalog,
+    maxLifetimeSeconds: config.maxTokenLifetimeSeconds,
+    maxTokensPerUser: config.maxTokensPerUser,
+  });
+  const verifier = new TokenVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, cacheSize: config.verifyCacheSize, lastUse });
 
   const app = express() as unknown as KeywardApp;
-  Object.defineProperty(app, 'verifier', { value: verifier });
+  Object.defineProperties(app, { verifier: { value: verifier }, lastUse: { value: lastUse } });
   app.disable('x-powered-by');
   // API responses are not cacheable resources; skipping ETags also saves hashing every body.
   app.set('etag', false);
@@ -59,11 +76,24 @@ export function createApp(deps: AppDeps): KeywardApp {
   app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining));
 
   const doc = loadSpec();
+  const operations = listOperations(doc);
+  // A route may only require a built-in scope: EXTRA_SCOPES are for the self-hoster's services.
+  for (const op of operations) {
+    if (op.requiredScope !== null && !(BUILT_IN_SCOPES as readonly string[]).includes(op.requiredScope)) {
+      throw new Error(`openapi: ${op.operationId} requires unknown scope ${op.requiredScope}`);
+    }
+  }
   const router = express.Router();
   mountOperations(
     router,
-    listOperations(doc),
-    { ...healthHandlers(db, lifecycle), ...usersHandlers(users), ...tokensHandlers(tokens), ...meHandlers() },
+    operations,
+    {
+      ...healthHandlers(db, lifecycle),
+      ...usersHandlers(users),
+      ...tokensHandlers(tokens),
+      ...selfServiceTokensHandlers(tokens),
+      ...meHandlers(),
+    },
     { admin: requireAdmin(config.adminKeyDigest), user: requireUser(verifier) },
   );
   app.use(router);

@@ -18,6 +18,11 @@ export interface Config {
   readonly verifyCacheSize: number;
   readonly bcryptConcurrency: number;
   readonly shutdownTimeoutMs: number;
+  /** Scopes beyond the built-in four, for the self-hoster's own services. */
+  readonly extraScopes: readonly string[];
+  /** Longest a token may live, in seconds; null: no cap. */
+  readonly maxTokenLifetimeSeconds: number | null;
+  readonly maxTokensPerUser: number;
 }
 
 export class ConfigError extends Error {
@@ -95,6 +100,29 @@ function trustProxy(raw: string, name: string): Parsed<TrustProxy> {
   return ok(entries);
 }
 
+// Scope names look like the built-in ones: `resource:action`, lowercase.
+const SCOPE_NAME = /^[a-z][a-z0-9_-]*(?::[a-z0-9_*-]+)*$/;
+
+function scopeList(raw: string, name: string): Parsed<readonly string[]> {
+  const entries = raw.split(/[\s,]+/).filter((e) => e !== '');
+  const invalid = entries.filter((e) => e.length > 64 || !SCOPE_NAME.test(e));
+  if (invalid.length > 0) return bad(`${name} has names that are not scopes like "reports:read" (lowercase, up to 64 characters): ${invalid.join(', ')}`);
+  return ok(Object.freeze([...new Set(entries)]));
+}
+
+const UNIT_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
+
+function lifetime(raw: string, name: string): Parsed<number | null> {
+  const value = raw.trim();
+  if (value === '') return ok(null);
+  const m = /^(\d+)([smhd]?)$/.exec(value);
+  const seconds = m ? Number(m[1]) * UNIT_SECONDS[m[2] || 's']! : NaN;
+  if (!Number.isSafeInteger(seconds) || seconds < 60 || seconds > 315_360_000) {
+    return bad(`${name} must be a duration from 60 seconds to 10 years, in seconds or with a unit (90d, 12h, 30m), got "${raw}"`);
+  }
+  return ok(seconds);
+}
+
 /** The one table of settings: the loader, .env.example and the README's table all follow it. */
 export const VARIABLES: readonly Variable[] = [
   { name: 'ADMIN_API_TOKEN', key: 'adminKeyDigest', default: undefined, parse: adminKey,
@@ -124,6 +152,12 @@ export const VARIABLES: readonly Variable[] = [
       const seconds = integer(0, 600)(raw, name);
       return seconds.ok ? ok(seconds.value * 1000) : seconds;
     } },
+  { name: 'EXTRA_SCOPES', key: 'extraScopes', default: '', parse: scopeList,
+    doc: 'More scopes tokens may carry, for your own services (comma- or space-separated, e.g. reports:read).' },
+  { name: 'MAX_TOKEN_LIFETIME', key: 'maxTokenLifetimeSeconds', default: '', parse: lifetime,
+    doc: 'Longest a token may live (e.g. 90d, 12h, or seconds); tokens minted without expiry get it. Empty: no cap.' },
+  { name: 'MAX_TOKENS_PER_USER', key: 'maxTokensPerUser', default: '100', parse: integer(1, 100_000),
+    doc: 'Active tokens a user may hold at once, admin mints included; tokens being rotated out do not count.' },
 ];
 
 /** Pure: reads only the given environment, and reports every problem at once. */

@@ -65,8 +65,10 @@ async function main(): Promise<void> {
     force.unref();
     server.close(() => {
       clearTimeout(force);
-      storage
-        .close()
+      // Last-use times recorded since the last flush are written before the database closes.
+      app.lastUse
+        .stop()
+        .then(() => storage.close())
         .then(() => {
           logger.info('stopped');
           process.exit(0);

@@ -21,15 +21,23 @@ describe('POST /admin/users/{id}/tokens', () => {
     expect(res.headers.location).toBe(`/admin/tokens/${res.body.id}`);
     expect(res.headers['cache-control']).toBe('no-store');
     expect(Object.keys(res.body).sort()).toEqual(
-      ['created_at', 'environment', 'expires_at', 'id', 'masked', 'name', 'scopes', 'token', 'user_id'].sort(),
+      [
+        'allowed_ips', 'created_at', 'environment', 'expires_at', 'id', 'last_used_at', 'last_used_ip', 'masked', 'name',
+        'revoked_at', 'rotated_from', 'rotated_to', 'scopes', 'status', 'token', 'user_id',
+      ].sort(),
     );
     expect(res.body).toMatchObject({
       user_id: user.id,
       name: null,
       scopes: ['bots:read', 'bots:write'],
       environment: 'live',
+      status: 'active',
+      allowed_ips: null,
       created_at: '2026-01-01T00:00:00.000Z',
       expires_at: null,
+      revoked_at: null,
+      last_used_at: null,
+      rotated_from: null,
     });
     const [, selector, secret] = TOKEN.exec(res.body.token)!;
     expect(res.body.masked).toBe(`kw_live_${selector}_…${res.body.token.slice(-4)}`);
@@ -94,8 +102,8 @@ describe('listing and reading tokens', () => {
     expect(res.status).toBe(200);
     expect(res.body.meta).toEqual({ limit: 50, next_cursor: null });
     expect(res.body.data).toEqual([
-      { id: a.id, user_id: user.id, name: 'a', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: a.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: '2026-01-01T00:00:00.000Z' },
-      { id: b.id, user_id: user.id, name: 'b', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: b.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: null },
+      { id: a.id, user_id: user.id, name: 'a', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: a.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: '2026-01-01T00:00:00.000Z', status: 'revoked', allowed_ips: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null },
+      { id: b.id, user_id: user.id, name: 'b', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: b.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: null, status: 'active', allowed_ips: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null },
     ]);
     const text = JSON.stringify(res.body);
     for (const t of [a, b]) expect(text).not.toContain(TOKEN.exec(t.token)![2]);
@@ -124,6 +132,7 @@ describe('listing and reading tokens', () => {
     expect(res.body).toEqual({
       id: minted.id, user_id: user.id, name: null, scopes: ['bots:read', 'bots:write'], environment: 'live',
       masked: minted.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: null,
+      status: 'active', allowed_ips: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null,
     });
     expectError(await request(ctx.app).get('/admin/tokens/404').set(admin), 404, 'NOT_FOUND');
   });

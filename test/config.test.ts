@@ -321,7 +321,8 @@ describe('the settings table, .env.example and the README agree', () => {
   it.each(VARIABLES.map((v) => [v.name, v] as const))('the README table lists %s with the same default and doc', (_name, variable) => {
     const row = table.get(variable.name);
     expect(row).toBeDefined();
-    expect(row!.default).toBe(variable.default === undefined ? '*(required)*' : `\`${variable.default}\``);
+    const shown = variable.default === undefined ? '*(required)*' : variable.default === '' ? '*(empty)*' : `\`${variable.default}\``;
+    expect(row!.default).toBe(shown);
     expect(row!.meaning).toBe(variable.doc);
   });
 

@@ -1,5 +1,6 @@
 import type { Migration, MigrationProvider } from 'kysely';
 import * as initial from './20261123-0001-initial';
+import * as tokenLifecycle from './20261123-0002-token-lifecycle';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -7,6 +8,7 @@ import * as initial from './20261123-0001-initial';
  */
 const MIGRATIONS: Record<string, Migration> = {
   '20261123-0001-initial': initial,
+  '20261123-0002-token-lifecycle': tokenLifecycle,
 };
 
 export const migrationProvider: MigrationProvider = {

@@ -6,12 +6,22 @@ import { AppError } from '../http/errors';
 import { DigestCache } from './digest-cache';
 import type { SecretHasher } from '../tokens/secret-hasher';
 import { parseScopes } from '../tokens/scopes';
-import { maskToken, parseToken } from '../tokens/token-format';
+import { IpAllowlist } from '../tokens/ip-allowlist';
+import type { LastUseRecorder } from '../tokens/last-use';
+import { type Environment, maskToken, parseToken } from '../tokens/token-format';
 import { findCredentialBySelector } from '../tokens/tokens.repository';
 
 export interface AuthContext {
   user: { id: number; email: string; name: string | null; maxConcurrentBots: number };
-  token: { id: number; name: string | null; scopes: string[]; environment: string; masked: string; expiresAt: string | null };
+  token: {
+    id: number;
+    name: string | null;
+    scopes: string[];
+    environment: Environment;
+    masked: string;
+    expiresAt: string | null;
+    allowedIps: string[] | null;
+  };
 }
 
 /** Wrong secrets tolerated per token per window before its bcrypt checks are refused outright. */
@@ -43,15 +53,18 @@ export class TokenVerifier {
   private readonly failures = new LRUCache<string, number>({ max: 10_000, ttl: FAILED_CHECK_WINDOW_MS, noUpdateTTL: true });
   /** Concurrent first requests with the same token share one bcrypt check. */
   private readonly inflight = new Map<string, Promise<boolean>>();
+  /** Stored allowlist text → compiled form; allowlists are few and shared by a token's requests. */
+  private readonly allowlists = new LRUCache<string, IpAllowlist>({ max: 10_000 });
   readonly stats: VerifierStats = { bcryptChecks: 0, cacheHits: 0 };
 
   constructor(
-    private readonly deps: { db: Db; clock: Clock; hasher: SecretHasher; tokenPrefix: string; cacheSize: number },
+    private readonly deps: { db: Db; clock: Clock; hasher: SecretHasher; tokenPrefix: string; cacheSize: number; lastUse: LastUseRecorder },
   ) {
     this.verified = new DigestCache(deps.cacheSize);
   }
 
-  async verify(presented: string): Promise<AuthContext> {
+  /** `clientIp` is the caller's address as TRUST_PROXY allows it to be known (Express's req.ip). */
+  async verify(presented: string, clientIp: string): Promise<AuthContext> {
     const parsed = parseToken(presented, this.deps.tokenPrefix);
     if (!parsed) throw malformed();
     const row = await findCredentialBySelector(this.deps.db, parsed.selector);
@@ -74,6 +87,15 @@ export class TokenVerifier {
       throw new AppError(401, 'API_KEY_EXPIRED', 'The API key has expired.', undefined, WWW_AUTHENTICATE);
     }
     if (row.disabled_at !== null) throw new AppError(403, 'USER_DISABLED', 'The user of this API key is disabled.');
+    let allowedIps: string[] | null = null;
+    if (row.allowed_ips !== null) {
+      const allowlist = this.allowlist(row.allowed_ips);
+      if (!allowlist.allows(clientIp)) {
+        throw new AppError(403, 'FORBIDDEN_IP', `This API key may not be used from ${clientIp}.`, { ip: clientIp });
+      }
+      allowedIps = [...allowlist.entries];
+    }
+    this.deps.lastUse.record(row.token_id, clientIp);
 
     return {
       user: { id: row.user_id, email: row.email, name: row.user_name, maxConcurrentBots: row.max_concurrent_bots },
@@ -84,8 +106,18 @@ export class TokenVerifier {
         environment: row.environment,
         masked: maskToken(this.deps.tokenPrefix, row.environment, parsed.selector, row.last4),
         expiresAt: row.expires_at,
+        allowedIps,
       },
     };
+  }
+
+  private allowlist(stored: string): IpAllowlist {
+    let compiled = this.allowlists.get(stored);
+    if (!compiled) {
+      compiled = new IpAllowlist(JSON.parse(stored) as string[]);
+      this.allowlists.set(stored, compiled);
+    }
+    return compiled;
   }
 
   private async checkSecret(selector: string, secret: string, hash: string, digest: Buffer): Promise<void> {

@@ -1,6 +1,7 @@
 import type { Request, Response } from 'express';
 import type { Guard } from '../http/operations';
 import { AppError } from '../http/errors';
+import { insufficientScope } from '../tokens/scopes';
 import type { AuthContext, TokenVerifier } from './token-verifier';
 
 const CHALLENGE = { 'WWW-Authenticate': 'Bearer realm="keyward"' };
@@ -23,10 +24,16 @@ function presentedKey(req: Request): string {
   throw new AppError(401, 'AUTHENTICATION_REQUIRED', hint, undefined, CHALLENGE);
 }
 
-/** The one auth path for /v1: anything it does not understand is a refusal. */
+/**
+ * The one auth path for /v1: anything it does not understand is a refusal. The key is verified first,
+ * then the operation's scope (openapi.yaml's x-required-scope), so nobody learns what a route needs
+ * without a valid key.
+ */
 export function requireUser(verifier: TokenVerifier): Guard {
-  return async (req, res) => {
-    res.locals.auth = await verifier.verify(presentedKey(req));
+  return async (req, res, op) => {
+    const auth = await verifier.verify(presentedKey(req), req.ip ?? req.socket.remoteAddress ?? '');
+    res.locals.auth = auth;
+    if (op.requiredScope !== null && !auth.token.scopes.includes(op.requiredScope)) throw insufficientScope([op.requiredScope]);
   };
 }
 

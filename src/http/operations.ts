@@ -4,8 +4,8 @@ import { AppError } from './errors';
 import { buildValidator, type ValidatedInput } from './validation';
 
 export type Handler = (req: Request, res: Response) => unknown;
-/** An auth check: returns when the caller may go on, throws an AppError otherwise. */
-export type Guard = (req: Request, res: Response) => void | Promise<void>;
+/** An auth check for one operation: returns when the caller may go on, throws an AppError otherwise. */
+export type Guard = (req: Request, res: Response, op: OperationSpec) => void | Promise<void>;
 
 const BODY_LIMIT = '64kb';
 const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i;
@@ -63,7 +63,7 @@ export function mountOperations(
     router[op.method](op.expressPath, async (req: Request, res: Response) => {
       res.locals.operationId = op.operationId;
       res.locals.routePath = op.path;
-      if (guard) await guard(req, res);
+      if (guard) await guard(req, res, op);
       const withBody = hasBody(req);
       if (op.requestBody && withBody) {
         if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {

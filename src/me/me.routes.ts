@@ -15,6 +15,7 @@ export function meHandlers(): Record<string, Handler> {
           environment: token.environment,
           masked: token.masked,
           expires_at: token.expiresAt,
+          allowed_ips: token.allowedIps,
         },
       });
     },

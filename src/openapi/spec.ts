@@ -24,6 +24,11 @@ export interface OperationSpec {
   path: string;
   expressPath: string;
   auth: AuthKind;
+  /**
+   * For user operations: the scope a key needs (`x-required-scope`), or null where the operation
+   * declares `none`. Every user operation must declare one: deny by default.
+   */
+  requiredScope: string | null;
   parameters: ParameterSpec[];
   requestBody?: { required: boolean; schema: JsonSchema };
 }
@@ -92,6 +97,17 @@ function authOf(operationId: string, security: Array<Record<string, string[]>>):
   return kinds.values().next().value ?? 'none';
 }
 
+function requiredScopeOf(operationId: string, auth: AuthKind, declared: unknown): string | null {
+  if (auth !== 'user') {
+    if (declared !== undefined) throw new Error(`openapi: ${operationId} is not a user operation but declares x-required-scope`);
+    return null;
+  }
+  if (typeof declared !== 'string' || declared === '') {
+    throw new Error(`openapi: user operation ${operationId} declares no x-required-scope (a scope, or "none")`);
+  }
+  return declared === 'none' ? null : declared;
+}
+
 export function listOperations(doc: OpenApiDocument): OperationSpec[] {
   const operations: OperationSpec[] = [];
   for (const [path, item] of Object.entries(doc.paths)) {
@@ -110,12 +126,14 @@ export function listOperations(doc: OpenApiDocument): OperationSpec[] {
         | undefined;
       const jsonSchema = body?.content?.['application/json']?.schema;
       if (body && !jsonSchema) throw new Error(`openapi: ${operationId} has a request body that is not application/json`);
+      const auth = authOf(operationId, security);
       operations.push({
         operationId,
         method,
         path,
         expressPath: path.replace(/\{([^}]+)\}/g, ':$1'),
-        auth: authOf(operationId, security),
+        auth,
+        requiredScope: requiredScopeOf(operationId, auth, raw['x-required-scope']),
         parameters,
         requestBody: jsonSchema ? { required: body?.required === true, schema: jsonSchema } : undefined,
       });

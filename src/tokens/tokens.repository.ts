@@ -1,5 +1,6 @@
 import { type Db, hotRead } from '../../db/database';
-import type { NewTokenRow, TokenRow } from '../../db/schema';
+import type { Transaction } from 'kysely';
+import type { Database, NewTokenRow, TokenRow, TokenUpdate } from '../../db/schema';
 import type { PageRequest } from '../http/pagination';
 
 /** Token metadata as listings show it: every column except the secret's hash. */
@@ -16,25 +17,77 @@ const METADATA_COLUMNS = [
   'created_at',
   'expires_at',
   'revoked_at',
+  'allowed_ips',
+  'rotated_from',
+  'rotated_to',
+  'last_used_at',
+  'last_used_ip',
 ] as const;
 
-export async function insertToken(db: Db, row: NewTokenRow): Promise<TokenMetadataRow> {
+type Executor = Db | Transaction<Database>;
+
+export async function insertToken(db: Executor, row: NewTokenRow): Promise<TokenMetadataRow> {
   return db.insertInto('tokens').values(row).returning(METADATA_COLUMNS).executeTakeFirstOrThrow();
 }
 
-export async function findTokenById(db: Db, id: number): Promise<TokenMetadataRow | undefined> {
+export async function findTokenById(db: Executor, id: number): Promise<TokenMetadataRow | undefined> {
   return db.selectFrom('tokens').select(METADATA_COLUMNS).where('id', '=', id).executeTakeFirst();
 }
 
-export async function listTokensOfUser(db: Db, userId: number, page: PageRequest): Promise<TokenMetadataRow[]> {
-  return db
+export type TokenStatus = 'active' | 'expired' | 'revoked';
+
+export interface TokenFilter {
+  userId?: number;
+  status?: TokenStatus;
+  environment?: 'live' | 'test';
+}
+
+/** Keyset-paginated by id; `now` decides which tokens count as expired. */
+export async function listTokens(db: Db, filter: TokenFilter, page: PageRequest, now: string): Promise<TokenMetadataRow[]> {
+  let query = db.selectFrom('tokens').select(METADATA_COLUMNS).where('id', '>', page.afterId);
+  if (filter.userId !== undefined) query = query.where('user_id', '=', filter.userId);
+  if (filter.environment !== undefined) query = query.where('environment', '=', filter.environment);
+  if (filter.status === 'revoked') query = query.where('revoked_at', 'is not', null);
+  if (filter.status === 'expired') query = query.where('revoked_at', 'is', null).where('expires_at', '<=', now);
+  if (filter.status === 'active') {
+    query = query.where('revoked_at', 'is', null).where((eb) => eb.or([eb('expires_at', 'is', null), eb('expires_at', '>', now)]));
+  }
+  return query.orderBy('id').limit(page.limit + 1).execute();
+}
+
+/**
+ * Tokens that count against MAX_TOKENS_PER_USER: neither revoked nor expired, and not already replaced
+ * by rotation (those are on their way out at the end of their grace period).
+ */
+export async function countActiveTokensOfUser(db: Executor, userId: number, now: string): Promise<number> {
+  const { n } = await db
     .selectFrom('tokens')
-    .select(METADATA_COLUMNS)
+    .select((eb) => eb.fn.countAll<number>().as('n'))
     .where('user_id', '=', userId)
-    .where('id', '>', page.afterId)
-    .orderBy('id')
-    .limit(page.limit + 1)
-    .execute();
+    .where('revoked_at', 'is', null)
+    .where('rotated_to', 'is', null)
+    .where((eb) => eb.or([eb('expires_at', 'is', null), eb('expires_at', '>', now)]))
+    .executeTakeFirstOrThrow();
+  return Number(n);
+}
+
+export async function updateToken(db: Executor, id: number, changes: TokenUpdate): Promise<TokenMetadataRow | undefined> {
+  return db.updateTable('tokens').set(changes).where('id', '=', id).returning(METADATA_COLUMNS).executeTakeFirst();
+}
+
+/**
+ * Links a token to its successor and shortens its life to the grace period, only if nobody rotated or
+ * revoked it meanwhile. Returns false when the guard did not match.
+ */
+export async function markRotated(db: Executor, id: number, successorId: number, expiresAt: string): Promise<boolean> {
+  const result = await db
+    .updateTable('tokens')
+    .set({ rotated_to: successorId, expires_at: expiresAt })
+    .where('id', '=', id)
+    .where('rotated_to', 'is', null)
+    .where('revoked_at', 'is', null)
+    .executeTakeFirst();
+  return result.numUpdatedRows === 1n;
 }
 
 /** Idempotent: a token already revoked keeps the time it was first revoked. */
@@ -42,8 +95,23 @@ export async function revokeToken(db: Db, id: number, now: string): Promise<void
   await db.updateTable('tokens').set({ revoked_at: now }).where('id', '=', id).where('revoked_at', 'is', null).execute();
 }
 
-export async function revokeAllTokensOfUser(db: Db, userId: number, now: string): Promise<void> {
+export async function revokeAllTokensOfUser(db: Executor, userId: number, now: string): Promise<void> {
   await db.updateTable('tokens').set({ revoked_at: now }).where('user_id', '=', userId).where('revoked_at', 'is', null).execute();
+}
+
+/** One statement per token, in one transaction: the last-use recorder's periodic flush. */
+export async function writeLastUse(db: Db, uses: Array<{ id: number; at: string; ip: string }>): Promise<void> {
+  await db.transaction().execute(async (trx) => {
+    for (const use of uses) {
+      await trx
+        .updateTable('tokens')
+        .set({ last_used_at: use.at, last_used_ip: use.ip })
+        .where('id', '=', use.id)
+        // Two processes can flush out of order: never move last use backwards.
+        .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', use.at)]))
+        .execute();
+    }
+  });
 }
 
 /** What verifying a request needs, in one indexed lookup by selector. */
@@ -51,11 +119,12 @@ export interface CredentialRow {
   token_id: number;
   token_name: string | null;
   secret_hash: string;
-  environment: string;
+  environment: 'live' | 'test';
   scopes: string;
   last4: string;
   expires_at: string | null;
   revoked_at: string | null;
+  allowed_ips: string | null;
   user_id: number;
   email: string;
   user_name: string | null;
@@ -93,6 +162,7 @@ function credentialQuery(db: Db, selector: string) {
       'tokens.last4',
       'tokens.expires_at',
       'tokens.revoked_at',
+      'tokens.allowed_ips',
       'users.id as user_id',
       'users.email',
       'users.name as user_name',

@@ -1,7 +1,10 @@
+import { authOf } from '../auth/user-auth';
+import type { AuthContext } from '../auth/token-verifier';
 import type { Handler } from '../http/operations';
 import { input } from '../http/operations';
 import { pageRequest } from '../http/pagination';
-import type { MintInput, TokensService } from './tokens.service';
+import type { TokenFilter } from './tokens.repository';
+import type { Issuer, MintInput, TokensService, UpdateInput } from './tokens.service';
 
 /** Admin token management; paths, auth and validation come from openapi.yaml by operationId. */
 export function tokensHandlers(tokens: TokensService): Record<string, Handler> {
@@ -13,13 +16,71 @@ export function tokensHandlers(tokens: TokensService): Record<string, Handler> {
     },
     listUserTokens: async (_req, res) => {
       const { params, query } = input(res);
-      res.json(await tokens.listForUser(params.id as number, pageRequest(query)));
+      res.json(await tokens.list({ userId: params.id as number }, pageRequest(query)));
+    },
+    listTokens: async (_req, res) => {
+      const { query } = input(res);
+      const filter: TokenFilter = {
+        userId: query.user_id as number | undefined,
+        status: query.status as TokenFilter['status'],
+        environment: query.environment as TokenFilter['environment'],
+      };
+      res.json(await tokens.list(filter, pageRequest(query)));
     },
     getToken: async (_req, res) => {
       res.json(await tokens.get(input(res).params.id as number));
     },
+    updateToken: async (_req, res) => {
+      const { params, body } = input(res);
+      res.json(await tokens.update(params.id as number, body as UpdateInput));
+    },
+    rotateToken: async (_req, res) => {
+      const { params, body } = input(res);
+      const grace = (body as { grace_period_seconds?: number } | undefined)?.grace_period_seconds;
+      const minted = await tokens.rotate(params.id as number, grace);
+      res.status(201).location(`/admin/tokens/${minted.id}`).json(minted);
+    },
     revokeToken: async (_req, res) => {
       await tokens.revoke(input(res).params.id as number);
+      res.status(204).end();
+    },
+  };
+}
+
+/** The calling key as an issuer: it acts on its own user's tokens, within its own limits. */
+function issuerOf(auth: AuthContext): Issuer {
+  return {
+    kind: 'key',
+    userId: auth.user.id,
+    scopes: auth.token.scopes,
+    environment: auth.token.environment,
+    expiresAt: auth.token.expiresAt,
+    allowedIps: auth.token.allowedIps,
+  };
+}
+
+/** Self-service keys under /v1/tokens: the same operations, bounded by the calling key. */
+export function selfServiceTokensHandlers(tokens: TokensService): Record<string, Handler> {
+  return {
+    listMyTokens: async (_req, res) => {
+      res.json(await tokens.list({ userId: authOf(res).user.id }, pageRequest(input(res).query)));
+    },
+    mintMyToken: async (_req, res) => {
+      const auth = authOf(res);
+      const minted = await tokens.mint(auth.user.id, (input(res).body ?? {}) as MintInput, issuerOf(auth));
+      res.status(201).location(`/v1/tokens/${minted.id}`).json(minted);
+    },
+    getMyToken: async (_req, res) => {
+      res.json(await tokens.get(input(res).params.id as number, issuerOf(authOf(res))));
+    },
+    rotateMyToken: async (_req, res) => {
+      const { params, body } = input(res);
+      const grace = (body as { grace_period_seconds?: number } | undefined)?.grace_period_seconds;
+      const minted = await tokens.rotate(params.id as number, grace, issuerOf(authOf(res)));
+      res.status(201).location(`/v1/tokens/${minted.id}`).json(minted);
+    },
+    revokeMyToken: async (_req, res) => {
+      await tokens.revoke(input(res).params.id as number, issuerOf(authOf(res)));
       res.status(204).end();
     },
   };

@@ -1,42 +1,106 @@
 import { isUniqueViolation, type Db } from '../../db/database';
-import { type Clock, isoNow } from '../clock';
-import { notFound } from '../http/errors';
+import type { TokenUpdate } from '../../db/schema';
+import type { Clock } from '../clock';
+import { AppError, conflict, type FieldProblem, notFound, validationError } from '../http/errors';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
 import type { UsersService } from '../users/users.service';
+import { IpAllowlist, parseAllowlist } from './ip-allowlist';
+import type { LastUseRecorder } from './last-use';
 import type { SecretHasher } from './secret-hasher';
-import { normalizeScopes, parseScopes, serializeScopes } from './scopes';
-import { generateToken, maskToken } from './token-format';
+import { insufficientScope, normalizeScopes, parseScopes, serializeScopes } from './scopes';
+import { type Environment, generateToken, maskToken } from './token-format';
 import * as tokens from './tokens.repository';
+import type { TokenFilter, TokenMetadataRow, TokenStatus } from './tokens.repository';
+
+export const DEFAULT_GRACE_PERIOD_SECONDS = 86_400;
+export const MAX_GRACE_PERIOD_SECONDS = 7 * 86_400;
 
 export interface TokenResponse {
   id: number;
   user_id: number;
   name: string | null;
   scopes: string[];
-  environment: string;
+  environment: Environment;
   masked: string;
+  status: TokenStatus;
+  allowed_ips: string[] | null;
   created_at: string;
   expires_at: string | null;
   revoked_at: string | null;
+  last_used_at: string | null;
+  last_used_ip: string | null;
+  rotated_from: number | null;
+  rotated_to: number | null;
 }
 
 /** The only response that ever carries the token itself. */
-export interface MintedTokenResponse extends Omit<TokenResponse, 'revoked_at'> {
+export interface MintedTokenResponse extends TokenResponse {
   token: string;
 }
 
 export interface MintInput {
   name?: string | null;
   scopes?: string[];
+  environment?: Environment;
   expires_in?: number;
+  expires_at?: string;
+  allowed_ips?: string[] | null;
 }
 
+export interface UpdateInput {
+  name?: string | null;
+  scopes?: string[];
+  allowed_ips?: string[] | null;
+  expires_at?: string | null;
+}
+
+/**
+ * Who is minting, rotating or managing a token. The admin may do anything within the deployment's
+ * limits. A user key acts only on its own user's tokens and can never hand out more than it holds:
+ * scopes, lifetime, environment and allowlist are each bounded by its own.
+ */
+export type Issuer =
+  | { kind: 'admin' }
+  | {
+      kind: 'key';
+      userId: number;
+      scopes: readonly string[];
+      environment: Environment;
+      expiresAt: string | null;
+      allowedIps: readonly string[] | null;
+    };
+
+export const ADMIN: Issuer = { kind: 'admin' };
+
+export function tokenStatus(row: { revoked_at: string | null; expires_at: string | null }, now: string): TokenStatus {
+  if (row.revoked_at !== null) return 'revoked';
+  if (row.expires_at !== null && row.expires_at <= now) return 'expired';
+  return 'active';
+}
+
+const parseAllowedIps = (stored: string | null): string[] | null => (stored === null ? null : (JSON.parse(stored) as string[]));
+
+const problem = (field: string, message: string): FieldProblem => ({ field, in: 'body', message });
+
 export class TokensService {
+  private readonly allowlists = new Map<string, IpAllowlist>();
+
   constructor(
-    private readonly deps: { db: Db; clock: Clock; hasher: SecretHasher; tokenPrefix: string; users: UsersService },
+    private readonly deps: {
+      db: Db;
+      clock: Clock;
+      hasher: SecretHasher;
+      tokenPrefix: string;
+      users: UsersService;
+      lastUse: LastUseRecorder;
+      scopeCatalog: readonly string[];
+      maxLifetimeSeconds: number | null;
+      maxTokensPerUser: number;
+    },
   ) {}
 
-  toResponse(row: tokens.TokenMetadataRow): TokenResponse {
+  toResponse(row: TokenMetadataRow, now = this.deps.clock.now().toISOString()): TokenResponse {
+    const recent = this.deps.lastUse.pending(row.id);
     return {
       id: row.id,
       user_id: row.user_id,
@@ -44,58 +108,252 @@ export class TokensService {
       scopes: parseScopes(row.scopes),
       environment: row.environment,
       masked: maskToken(this.deps.tokenPrefix, row.environment, row.selector, row.last4),
+      status: tokenStatus(row, now),
+      allowed_ips: parseAllowedIps(row.allowed_ips),
       created_at: row.created_at,
       expires_at: row.expires_at,
       revoked_at: row.revoked_at,
+      last_used_at: recent?.at ?? row.last_used_at,
+      last_used_ip: recent?.ip ?? row.last_used_ip,
+      rotated_from: row.rotated_from,
+      rotated_to: row.rotated_to,
     };
   }
 
-  async mint(userId: number, input: MintInput): Promise<MintedTokenResponse> {
-    const { db, clock, hasher, tokenPrefix, users } = this.deps;
+  async mint(userId: number, input: MintInput, issuer: Issuer = ADMIN): Promise<MintedTokenResponse> {
+    const { clock, users, maxTokensPerUser } = this.deps;
     await users.requireRow(userId);
-    const scopes = normalizeScopes(input.scopes);
     const now = clock.now();
-    const expiresAt = input.expires_in === undefined ? null : new Date(now.getTime() + input.expires_in * 1000).toISOString();
+    const scopes = normalizeScopes(input.scopes, this.deps.scopeCatalog);
+    const environment = input.environment ?? (issuer.kind === 'key' ? issuer.environment : 'live');
+    const allowedIps = this.resolveAllowlist(input.allowed_ips, issuer);
+    const expiresAt = this.resolveExpiry(input, now, issuer);
+    this.checkWithinIssuer(issuer, scopes, environment);
+
+    return this.insert({ userId, name: input.name ?? null, scopes, environment, allowedIps, now, expiresAt }, async (trx) => {
+      const active = await tokens.countActiveTokensOfUser(trx, userId, now.toISOString());
+      if (active >= maxTokensPerUser) {
+        throw conflict(`This user already has ${active} active tokens, the most MAX_TOKENS_PER_USER allows; revoke one first.`, {
+          limit: maxTokensPerUser,
+          active,
+        });
+      }
+    });
+  }
+
+  /**
+   * A new token with the same name, scopes, environment and allowlist, and the same lifetime counted
+   * from now; the old one keeps working until the grace period ends (0: it stops now).
+   */
+  async rotate(id: number, gracePeriodSeconds: number | undefined, issuer: Issuer = ADMIN): Promise<MintedTokenResponse> {
+    const { clock, maxLifetimeSeconds } = this.deps;
+    const old = await this.find(id, issuer);
+    const now = clock.now();
+    const nowIso = now.toISOString();
+    const status = tokenStatus(old, nowIso);
+    if (status !== 'active') throw conflict(`This token is ${status}; only an active token can be rotated. Mint a new one instead.`);
+    if (old.rotated_to !== null) {
+      throw conflict(`This token was already rotated to token ${old.rotated_to}; rotate that one instead.`, { rotated_to: old.rotated_to });
+    }
+    const scopes = parseScopes(old.scopes);
+    const allowedIps = parseAllowedIps(old.allowed_ips);
+    this.checkWithinIssuer(issuer, scopes, old.environment);
+    if (issuer.kind === 'key' && issuer.allowedIps !== null && (allowedIps === null || !this.allowlist(issuer.allowedIps).covers(allowedIps))) {
+      throw new AppError(403, 'FORBIDDEN_IP', 'This token may be used from addresses this API key may not; it cannot rotate it.');
+    }
+
+    let expiresMs = old.expires_at === null ? null : now.getTime() + (Date.parse(old.expires_at) - Date.parse(old.created_at));
+    if (maxLifetimeSeconds !== null) expiresMs = Math.min(expiresMs ?? Infinity, now.getTime() + maxLifetimeSeconds * 1000);
+    if (issuer.kind === 'key' && issuer.expiresAt !== null) expiresMs = Math.min(expiresMs ?? Infinity, Date.parse(issuer.expiresAt));
+    const grace = gracePeriodSeconds ?? DEFAULT_GRACE_PERIOD_SECONDS;
+    const oldEnds = new Date(Math.min(now.getTime() + grace * 1000, old.expires_at === null ? Infinity : Date.parse(old.expires_at))).toISOString();
+
+    return this.insert(
+      {
+        userId: old.user_id,
+        name: old.name,
+        scopes,
+        environment: old.environment,
+        allowedIps,
+        now,
+        expiresAt: expiresMs === null ? null : new Date(expiresMs).toISOString(),
+        rotatedFrom: old.id,
+      },
+      undefined,
+      async (trx, successorId) => {
+        if (!(await tokens.markRotated(trx, old.id, successorId, oldEnds))) {
+          throw conflict('This token was rotated or revoked at the same moment; list the tokens and try again.');
+        }
+      },
+    );
+  }
+
+  async update(id: number, input: UpdateInput): Promise<TokenResponse> {
+    const { db, clock, maxLifetimeSeconds } = this.deps;
+    const row = await this.find(id, ADMIN);
+    const nowIso = clock.now().toISOString();
+    const status = tokenStatus(row, nowIso);
+    if (status !== 'active') throw conflict(`This token is ${status} and cannot be changed; mint a new one instead.`);
+
+    const changes: TokenUpdate = {};
+    const problems: FieldProblem[] = [];
+    if (input.name !== undefined) changes.name = input.name;
+    if (input.scopes !== undefined) changes.scopes = serializeScopes(normalizeScopes(input.scopes, this.deps.scopeCatalog));
+    if (input.allowed_ips !== undefined) {
+      const allowed = this.resolveAllowlist(input.allowed_ips, ADMIN);
+      changes.allowed_ips = allowed === null ? null : JSON.stringify(allowed);
+    }
+    if (input.expires_at !== undefined) {
+      const cap = maxLifetimeSeconds === null ? null : Date.parse(row.created_at) + maxLifetimeSeconds * 1000;
+      if (input.expires_at === null) {
+        if (cap !== null) problems.push(problem('expires_at', `cannot be removed: MAX_TOKEN_LIFETIME caps tokens at ${maxLifetimeSeconds} seconds`));
+        changes.expires_at = null;
+      } else {
+        const at = Date.parse(input.expires_at);
+        if (at <= Date.parse(nowIso)) problems.push(problem('expires_at', 'must be in the future'));
+        else if (cap !== null && at > cap) {
+          problems.push(problem('expires_at', `must be at most ${new Date(cap).toISOString()} (MAX_TOKEN_LIFETIME after the token was created)`));
+        }
+        changes.expires_at = new Date(at).toISOString();
+      }
+    }
+    if (problems.length > 0) throw validationError(problems);
+    const updated = await tokens.updateToken(db, id, changes);
+    if (!updated) throw notFound('Token');
+    return this.toResponse(updated, nowIso);
+  }
+
+  async list(filter: TokenFilter, page: PageRequest): Promise<Page<TokenResponse>> {
+    if (filter.userId !== undefined) await this.deps.users.requireRow(filter.userId);
+    const now = this.deps.clock.now().toISOString();
+    return toPage(await tokens.listTokens(this.deps.db, filter, page, now), page, (row) => this.toResponse(row, now));
+  }
+
+  async get(id: number, issuer: Issuer = ADMIN): Promise<TokenResponse> {
+    return this.toResponse(await this.find(id, issuer));
+  }
+
+  /** Recorded, not deleted: the next request with the token is told it was revoked. */
+  async revoke(id: number, issuer: Issuer = ADMIN): Promise<void> {
+    await this.find(id, issuer);
+    await tokens.revokeToken(this.deps.db, id, this.deps.clock.now().toISOString());
+  }
+
+  /** A user key asking for another user's token gets the same 404 as for a token that does not exist. */
+  private async find(id: number, issuer: Issuer): Promise<TokenMetadataRow> {
+    const row = await tokens.findTokenById(this.deps.db, id);
+    if (!row || (issuer.kind === 'key' && row.user_id !== issuer.userId)) throw notFound('Token');
+    return row;
+  }
+
+  private checkWithinIssuer(issuer: Issuer, scopes: readonly string[], environment: Environment): void {
+    if (issuer.kind !== 'key') return;
+    const missing = scopes.filter((s) => !issuer.scopes.includes(s));
+    if (missing.length > 0) {
+      throw insufficientScope(missing, `An API key can only grant scopes it has itself; it lacks ${missing.join(', ')}.`);
+    }
+    if (environment === 'live' && issuer.environment === 'test') {
+      throw validationError([problem('environment', 'a test key can only mint and rotate test keys')]);
+    }
+  }
+
+  private resolveAllowlist(requested: string[] | null | undefined, issuer: Issuer): string[] | null {
+    const inherited = issuer.kind === 'key' ? issuer.allowedIps : null;
+    if (requested === undefined) return inherited === null ? null : [...inherited];
+    if (requested === null) {
+      if (inherited !== null) throw validationError([problem('allowed_ips', 'cannot be null: this API key has an allowlist, and keys it mints stay within it')]);
+      return null;
+    }
+    const parsed = parseAllowlist(requested);
+    if (!parsed.ok) {
+      throw validationError(parsed.invalid.map((entry) => problem('allowed_ips', `"${entry}" is not an IPv4/IPv6 address or CIDR range`)));
+    }
+    if (inherited !== null && !this.allowlist(inherited).covers(parsed.entries)) {
+      throw validationError([problem('allowed_ips', `must stay within this API key's own allowlist (${inherited.join(', ')})`)]);
+    }
+    return parsed.entries;
+  }
+
+  private resolveExpiry(input: MintInput, now: Date, issuer: Issuer): string | null {
+    const { maxLifetimeSeconds } = this.deps;
+    if (input.expires_in !== undefined && input.expires_at !== undefined) {
+      throw validationError([problem('expires_at', 'give expires_in or expires_at, not both')]);
+    }
+    const field = input.expires_at !== undefined ? 'expires_at' : 'expires_in';
+    let requested: number | null = null;
+    if (input.expires_in !== undefined) requested = now.getTime() + input.expires_in * 1000;
+    if (input.expires_at !== undefined) {
+      requested = Date.parse(input.expires_at);
+      if (requested <= now.getTime()) throw validationError([problem('expires_at', 'must be in the future')]);
+    }
+    const cap = maxLifetimeSeconds === null ? null : now.getTime() + maxLifetimeSeconds * 1000;
+    if (requested !== null && cap !== null && requested > cap) {
+      throw validationError([problem(field, `must be at most ${maxLifetimeSeconds} seconds from now (MAX_TOKEN_LIFETIME)`)]);
+    }
+    const ceiling = issuer.kind === 'key' && issuer.expiresAt !== null ? Date.parse(issuer.expiresAt) : null;
+    if (requested !== null && ceiling !== null && requested > ceiling) {
+      throw validationError([problem(field, `cannot outlive the API key that mints it (it expires at ${issuer.kind === 'key' ? issuer.expiresAt : ''})`)]);
+    }
+    // Without a requested expiry, the tightest bound that applies, if any.
+    const expires = requested ?? [cap, ceiling].filter((v): v is number => v !== null).reduce<number | null>((a, b) => (a === null ? b : Math.min(a, b)), null);
+    return expires === null ? null : new Date(expires).toISOString();
+  }
+
+  private allowlist(entries: readonly string[]): IpAllowlist {
+    const key = entries.join(',');
+    let compiled = this.allowlists.get(key);
+    if (!compiled) {
+      if (this.allowlists.size >= 1000) this.allowlists.clear();
+      compiled = new IpAllowlist(entries);
+      this.allowlists.set(key, compiled);
+    }
+    return compiled;
+  }
+
+  private async insert(
+    token: {
+      userId: number;
+      name: string | null;
+      scopes: readonly string[];
+      environment: Environment;
+      allowedIps: readonly string[] | null;
+      now: Date;
+      expiresAt: string | null;
+      rotatedFrom?: number;
+    },
+    before?: (trx: Parameters<typeof tokens.insertToken>[0]) => Promise<void>,
+    after?: (trx: Parameters<typeof tokens.insertToken>[0], id: number) => Promise<void>,
+  ): Promise<MintedTokenResponse> {
+    const { db, hasher, tokenPrefix } = this.deps;
+    // bcrypt runs before the transaction, so no write lock is held while it works.
     // A selector collision (62^12 values) is astronomically unlikely; retrying keeps it a non-event.
     for (let attempt = 1; ; attempt++) {
-      const minted = generateToken(tokenPrefix, 'live');
+      const minted = generateToken(tokenPrefix, token.environment);
       const secretHash = await hasher.hash(minted.secret);
       try {
-        const row = await tokens.insertToken(db, {
-          user_id: userId,
-          name: input.name ?? null,
-          selector: minted.selector,
-          secret_hash: secretHash,
-          last4: minted.last4,
-          environment: 'live',
-          scopes: serializeScopes(scopes),
-          created_at: now.toISOString(),
-          expires_at: expiresAt,
-          revoked_at: null,
+        const row = await db.transaction().execute(async (trx) => {
+          await before?.(trx);
+          const inserted = await tokens.insertToken(trx, {
+            user_id: token.userId,
+            name: token.name,
+            selector: minted.selector,
+            secret_hash: secretHash,
+            last4: minted.last4,
+            environment: token.environment,
+            scopes: serializeScopes(token.scopes),
+            created_at: token.now.toISOString(),
+            expires_at: token.expiresAt,
+            revoked_at: null,
+            allowed_ips: token.allowedIps === null ? null : JSON.stringify(token.allowedIps),
+            rotated_from: token.rotatedFrom ?? null,
+          });
+          await after?.(trx, inserted.id);
+          return inserted;
         });
-        const { revoked_at: _revoked, ...metadata } = this.toResponse(row);
-        return { ...metadata, token: minted.token };
+        return { ...this.toResponse(row, token.now.toISOString()), token: minted.token };
       } catch (err) {
         if (!isUniqueViolation(err) || attempt >= 3) throw err;
       }
     }
-  }
-
-  async listForUser(userId: number, page: PageRequest): Promise<Page<TokenResponse>> {
-    await this.deps.users.requireRow(userId);
-    return toPage(await tokens.listTokensOfUser(this.deps.db, userId, page), page, (row) => this.toResponse(row));
-  }
-
-  async get(id: number): Promise<TokenResponse> {
-    const row = await tokens.findTokenById(this.deps.db, id);
-    if (!row) throw notFound('Token');
-    return this.toResponse(row);
-  }
-
-  /** Recorded, not deleted: the next request with the token is told it was revoked. */
-  async revoke(id: number): Promise<void> {
-    const { db, clock } = this.deps;
-    if (!(await tokens.findTokenById(db, id))) throw notFound('Token');
-    await tokens.revokeToken(db, id, isoNow(clock));
   }
 }

@@ -57,7 +57,17 @@ export async function createTestApp(
   const clock = new FakeClock();
   const logger = options.logDestination ? createLogger('info', options.logDestination) : createLogger('silent');
   const app = createApp({ config, db: storage.db, clock, hasher: options.hasher, logger, lifecycle: options.lifecycle });
-  return { app, storage, config, clock, http: () => request.agent(app), close: () => storage.close() };
+  return {
+    app,
+    storage,
+    config,
+    clock,
+    http: () => request.agent(app),
+    close: async () => {
+      await app.lastUse.stop();
+      await storage.close();
+    },
+  };
 }
 
 export const admin = { 'X-Admin-API-Key': ADMIN_KEY };

@@ -1,0 +1,68 @@
+import type { Db } from '../../db/database';
+import type { Clock } from '../clock';
+import type { Logger } from '../logger';
+import { writeLastUse } from './tokens.repository';
+
+export interface LastUse {
+  at: string;
+  ip: string;
+}
+
+/** How often recorded uses are written; also the most a crash can lose. */
+export const LAST_USE_FLUSH_MS = 5_000;
+
+/**
+ * When and from where each token was last used, without a write per request: the hot path only sets
+ * a map entry, and the map is written in one transaction every few seconds and at shutdown. Responses
+ * read through `pending` so this process never shows a stale value.
+ */
+export class LastUseRecorder {
+  private uses = new Map<number, { ms: number; ip: string }>();
+  private timer: NodeJS.Timeout | undefined;
+  private flushing: Promise<void> = Promise.resolve();
+
+  constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger }) {}
+
+  record(tokenId: number, ip: string): void {
+    this.uses.set(tokenId, { ms: this.deps.clock.now().getTime(), ip });
+  }
+
+  pending(tokenId: number): LastUse | undefined {
+    const use = this.uses.get(tokenId);
+    return use && { at: new Date(use.ms).toISOString(), ip: use.ip };
+  }
+
+  /** Starts the periodic flush; the timer never keeps the process alive on its own. */
+  start(intervalMs = LAST_USE_FLUSH_MS): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => void this.flush(), intervalMs);
+    this.timer.unref();
+  }
+
+  /** Stops the timer and writes what is pending (at shutdown, before the database closes). */
+  async stop(): Promise<void> {
+    clearInterval(this.timer);
+    this.timer = undefined;
+    await this.flush();
+  }
+
+  /** Writes every use recorded so far. Flushes never overlap; a failed one keeps its uses for the next. */
+  flush(): Promise<void> {
+    this.flushing = this.flushing.then(async () => {
+      if (this.uses.size === 0) return;
+      const batch = this.uses;
+      this.uses = new Map();
+      try {
+        await writeLastUse(
+          this.deps.db,
+          [...batch].map(([id, use]) => ({ id, at: new Date(use.ms).toISOString(), ip: use.ip })),
+        );
+      } catch (err) {
+        // Put the batch back unless a newer use of the same token arrived meanwhile.
+        for (const [id, use] of batch) if (!this.uses.has(id)) this.uses.set(id, use);
+        this.deps.logger.warn({ err, tokens: batch.size }, 'could not record last use; will retry');
+      }
+    });
+    return this.flushing;
+  }
+}
