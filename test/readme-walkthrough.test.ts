@@ -19,15 +19,19 @@ import {
 const README = readFileSync(join(REPO_ROOT, 'README.md'), 'utf8');
 const FULL_TOKEN = /kw_live_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}/;
 
-function walkthroughBlock(): string {
-  const start = README.indexOf('<!-- walkthrough:start');
-  const end = README.indexOf('<!-- walkthrough:end -->');
-  if (start < 0 || end < start) throw new Error('README.md has no <!-- walkthrough:start … walkthrough:end --> markers');
+/** The bash block between `<!-- NAME:start … -->` and `<!-- NAME:end -->`. */
+function markedBlock(name: string): string {
+  const start = README.indexOf(`<!-- ${name}:start`);
+  const end = README.indexOf(`<!-- ${name}:end -->`);
+  if (start < 0 || end < start) throw new Error(`README.md has no <!-- ${name}:start … ${name}:end --> markers`);
   const section = README.slice(start, end);
   const match = /```bash\n([\s\S]*?)\n```/.exec(section);
-  if (!match) throw new Error('no ```bash block between the walkthrough markers in README.md');
+  if (!match) throw new Error(`no \`\`\`bash block between the ${name} markers in README.md`);
   return match[1]!;
 }
+
+// Printed between the two blocks, so each block's output is checked on its own.
+const BETWEEN = '--- end of walkthrough ---';
 
 /**
  * Splits what the walkthrough prints (curl writes JSON bodies without a trailing newline, so they run
@@ -81,10 +85,12 @@ afterAll(() => {
 });
 
 describe('README', () => {
-  test('the walkthrough creates a user, mints a token, uses it, lists it masked, revokes it and is refused', async () => {
+  test('the walkthrough and then the token lifecycle examples run as written, in one shell', async () => {
     assertBuilt();
-    const block = walkthroughBlock();
+    const block = markedBlock('walkthrough');
+    const lifecycle = markedBlock('lifecycle');
     expect(block).toContain('localhost:8056');
+    expect(lifecycle).toContain('localhost:8056');
 
     const dir = makeTempDir('readme');
     const adminKey = randomBytes(32).toString('hex');
@@ -100,11 +106,13 @@ describe('README', () => {
       cwd: dir,
     });
 
-    const script = block.split('localhost:8056').join(`127.0.0.1:${server.port}`);
+    const script = [block, `echo '${BETWEEN}'`, lifecycle].join('\n').split('localhost:8056').join(`127.0.0.1:${server.port}`);
     const run = await runBash(script, { cwd: dir, flags: ['-euo', 'pipefail'] });
     expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: '' });
+    const [walkthroughOut, lifecycleOut] = run.stdout.split(BETWEEN) as [string, string];
+    expect(lifecycleOut).toBeDefined();
 
-    const parts = splitOutput(run.stdout);
+    const parts = splitOutput(walkthroughOut);
     const find = (from: number, what: string, pred: (p: { raw: string; json?: any }) => boolean): number => {
       const at = parts.findIndex((p, i) => i >= from && pred(p));
       if (at < 0) throw new Error(`walkthrough output has no ${what} after part ${from}:\n${run.stdout}`);
@@ -130,10 +138,41 @@ describe('README', () => {
     expect(refused).toBe(parts.length - 1);
 
     // The walkthrough never prints the token or the admin key, and neither reaches the server's log.
-    expect(run.stdout).not.toMatch(FULL_TOKEN);
+    expect(walkthroughOut).not.toMatch(FULL_TOKEN);
     expect(run.stdout).not.toContain(adminKey);
     expect(server.logs).not.toContain(adminKey);
     expect(server.logs).not.toMatch(FULL_TOKEN);
+    expect(server.logs).not.toMatch(/kw_test_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}/);
+
+    // The lifecycle block: each printed response, in order.
+    const out = splitOutput(lifecycleOut).map((p) => p.json);
+    expect(out).toHaveLength(6);
+    const [ci, scriptKey, mine, rotatedMe, patched, testKeys] = out;
+    expect(ci).toMatchObject({ id: 2, name: 'ci', environment: 'test', scopes: ['bots:read'], allowed_ips: ['127.0.0.1', '10.0.0.0/8'], status: 'active' });
+    expect(ci.token).toMatch(/^kw_test_/);
+    expect(Date.parse(ci.expires_at) - Date.parse(ci.created_at)).toBe(2_592_000_000);
+
+    expect(scriptKey).toMatchObject({ name: 'script', scopes: ['bots:read'], environment: 'live', user_id: 1 });
+    expect(Date.parse(scriptKey.expires_at) - Date.parse(scriptKey.created_at)).toBe(3_600_000);
+
+    // The laptop key (3) has been used by the two requests before the listing, and the listing says so.
+    const laptop = mine.data.find((t: { name: string }) => t.name === 'laptop');
+    expect(laptop).toMatchObject({ id: 3, status: 'active', last_used_ip: expect.stringMatching(/127\.0\.0\.1$/), rotated_to: null });
+    expect(laptop.last_used_at).not.toBeNull();
+    // The walkthrough's token is listed too, revoked.
+    expect(mine.data.map((t: { name: string; status: string }) => [t.name, t.status])).toEqual([
+      [null, 'revoked'],
+      ['ci', 'active'],
+      ['laptop', 'active'],
+      ['script', 'active'],
+    ]);
+    expect(JSON.stringify(mine)).not.toContain('"token"');
+
+    expect(rotatedMe.token).toMatchObject({ name: 'laptop', scopes: ['bots:read', 'bots:write', 'tokens:read', 'tokens:write'] });
+    expect(rotatedMe.token.id).not.toBe(3);
+    expect(patched).toMatchObject({ id: 3, name: 'old laptop', scopes: ['bots:read'], rotated_to: rotatedMe.token.id, status: 'active' });
+    expect(patched.expires_at).not.toBeNull();
+    expect(testKeys.data.map((t: { id: number }) => t.id)).toEqual([2]);
   });
 
   test('the quick start\'s test command is `npm test`, and npm test runs jest', () => {
