@@ -48,6 +48,7 @@ const STATEMENT_CACHE_SIZE = 256;
 function withStatementCache(sqlite: SqliteDatabase.Database) {
   const statements = new Map<string, SqliteDatabase.Statement>();
   return {
+    inTransaction: () => sqlite.inTransaction,
     close: () => sqlite.close(),
     prepare: (text: string) => {
       let statement = statements.get(text);
@@ -74,7 +75,10 @@ export function hotRead<Row>(db: Db, query: CompiledQuery): (parameters: readonl
   if (statements) {
     const statement = statements.prepare(query.sql);
     if (!statement.reader) throw new Error('hotRead takes a query that returns rows');
-    return async (parameters) => statement.get(parameters) as Row | undefined;
+    const viaKysely = async (parameters: readonly unknown[]) => (await db.executeQuery<Row>({ ...query, parameters })).rows[0];
+    // The one connection is shared with Kysely. While a Kysely transaction is open on it (between its
+    // awaits), a direct read would see that transaction's uncommitted rows: wait for it like any query.
+    return async (parameters) => (statements.inTransaction() ? viaKysely(parameters) : (statement.get(parameters) as Row | undefined));
   }
   return async (parameters) => (await db.executeQuery<Row>({ ...query, parameters })).rows[0];
 }
