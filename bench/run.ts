@@ -191,6 +191,10 @@ async function main(): Promise<void> {
   const user = await api(small.base, 'POST', '/admin/users', { email: 'bench@example.com', name: 'Bench' });
   const warmToken = (await api(small.base, 'POST', `/admin/users/${user.id}/tokens`)).token as string;
   await warm(small.base, [warmToken]);
+  // The allowlist's cost: the caller's address is the last of ten entries, so every entry is checked.
+  const allowedIps = [...Array.from({ length: 9 }, (_, i) => `10.${i}.0.0/16`), '127.0.0.1'];
+  const allowlistToken = (await api(small.base, 'POST', `/admin/users/${user.id}/tokens`, { allowed_ips: allowedIps })).token as string;
+  await warm(small.base, [allowlistToken]);
   const sharedSecret = randomBase62(32);
   log('hashing the shared seed secrets');
   const cheapHash = await bcrypt.hash(sharedSecret, 4);
@@ -218,6 +222,7 @@ async function main(): Promise<void> {
     { key: 'baseline', run: () => load(`${baseline.base}/v1/me`, {}) },
     { key: 'warm', run: () => load(`${small.base}/v1/me`, { headers: { 'x-api-key': warmToken } }) },
     { key: 'many', run: () => load(`${small.base}/v1/me`, { rotate: many }) },
+    { key: 'allowlist', run: () => load(`${small.base}/v1/me`, { headers: { 'x-api-key': allowlistToken } }) },
     { key: 'badChecksum', run: () => load(`${small.base}/v1/me`, { headers: { 'x-api-key': badChecksum } }) },
     { key: 'unknownSelector', run: () => load(`${small.base}/v1/me`, { headers: { 'x-api-key': unknownSelector } }) },
     { key: 'large', run: () => load(`${large.base}/v1/me`, { headers: { 'x-api-key': bigTokens[0]! } }) },
@@ -272,6 +277,7 @@ async function main(): Promise<void> {
   const warmS = summary('warm');
   add('GET /v1/me, warm token', warmS);
   add(`GET /v1/me, ${P.many.toLocaleString('en')} distinct warm tokens`, summary('many'));
+  add('GET /v1/me, warm token with a 10-entry IP allowlist', summary('allowlist'));
   add('bad checksum (401)', summary('badChecksum'));
   add('unknown selector (401)', summary('unknownSelector'));
   add('cold verification: first request, one at a time', { rps: NaN, p50: median(coldLatencies), p99: Math.max(...coldLatencies) }, `warm request one at a time: ${median(warmLatencies).toFixed(2)} ms`);
@@ -313,7 +319,7 @@ async function main(): Promise<void> {
     '| --- | ---: | --- |',
     ...targets.map((t) => `| ${t.what} | ${fmt(t.value, 2)}${t.unit} | ${t.ok(t.value) ? 'met' : '**missed**'} |`),
     '',
-    `Errors: ${Object.entries(samples).map(([k, xs]) => `${k} ${xs.reduce((a, x) => a + x.errors, 0)}`).join(', ')}; non-2xx where 2xx expected: warm ${warmS.non2xx}, large ${largeS.non2xx}, many ${summary('many').non2xx}, distinct-token run ${memoryRun.non2xx}.`,
+    `Errors: ${Object.entries(samples).map(([k, xs]) => `${k} ${xs.reduce((a, x) => a + x.errors, 0)}`).join(', ')}; non-2xx where 2xx expected: warm ${warmS.non2xx}, allowlist ${summary('allowlist').non2xx}, large ${largeS.non2xx}, many ${summary('many').non2xx}, distinct-token run ${memoryRun.non2xx}.`,
     `Run took ${((Date.now() - started) / 1000).toFixed(0)} s.`,
   ];
   const markdown = lines.join('\n') + '\n';
@@ -325,7 +331,7 @@ async function main(): Promise<void> {
 
   for (const c of children) c.kill('SIGTERM');
   rmSync(dir, { recursive: true, force: true });
-  const sanity = warmS.non2xx + largeS.non2xx + summary('many').non2xx + memoryRun.non2xx;
+  const sanity = warmS.non2xx + summary('allowlist').non2xx + largeS.non2xx + summary('many').non2xx + memoryRun.non2xx;
   if (sanity > 0) {
     log(`FAILED: ${sanity} non-2xx answers where every request should have succeeded`);
     process.exit(1);

@@ -82,7 +82,9 @@ describe('responses match the documented schemas', () => {
 
   const ajv = new Ajv2020({ strict: false, allErrors: true });
   addFormats(ajv);
+  const checked = new Set<string>();
   function expectDocumented(operationId: string, res: request.Response) {
+    checked.add(operationId);
     const op = operations.find((o) => o.operationId === operationId)!;
     const raw = dereference(doc, (doc.paths[op.path] as Record<string, unknown>)[op.method]) as {
       responses: Record<string, { content?: Record<string, { schema: object }> }>;
@@ -118,5 +120,41 @@ describe('responses match the documented schemas', () => {
     expectDocumented('getMe', await request(ctx.app).get('/v1/me').set('X-API-Key', second.token));
     expectDocumented('getHealth', await request(ctx.app).get('/healthz'));
     expectDocumented('getReadiness', await request(ctx.app).get('/readyz'));
+  });
+
+  test('for token lifecycle and self-service operations, on success and on error', async () => {
+    const user = await createUser(ctx);
+    const key = await mintToken(ctx, user.id, { scopes: ['bots:read', 'tokens:read', 'tokens:write'], allowed_ips: ['127.0.0.1', '::1'] });
+    const narrow = await mintToken(ctx, user.id, { scopes: ['bots:read'] });
+    const asKey = { 'X-API-Key': key.token };
+
+    expectDocumented('listTokens', await request(ctx.app).get(`/admin/tokens?user_id=${user.id}&status=active&environment=live`).set(admin));
+    expectDocumented('listTokens', await request(ctx.app).get('/admin/tokens?status=gone').set(admin));
+    expectDocumented('listTokens', await request(ctx.app).get('/admin/tokens?user_id=999999').set(admin));
+    expectDocumented('updateToken', await request(ctx.app).patch(`/admin/tokens/${narrow.id}`).set(admin).send({ name: 'renamed', allowed_ips: null }));
+    expectDocumented('updateToken', await request(ctx.app).patch(`/admin/tokens/${narrow.id}`).set(admin).send({}));
+    const rotated = await request(ctx.app).post(`/admin/tokens/${narrow.id}/rotate`).set(admin).send({ grace_period_seconds: 0 });
+    expectDocumented('rotateToken', rotated);
+    expectDocumented('rotateToken', await request(ctx.app).post(`/admin/tokens/${narrow.id}/rotate`).set(admin));
+    expectDocumented('updateToken', await request(ctx.app).patch(`/admin/tokens/${narrow.id}`).set(admin).send({ name: 'late' }));
+
+    expectDocumented('listMyTokens', await request(ctx.app).get('/v1/tokens').set(asKey));
+    expectDocumented('listMyTokens', await request(ctx.app).get('/v1/tokens').set('X-API-Key', rotated.body.token));
+    const mine = await request(ctx.app).post('/v1/tokens').set(asKey).send({ scopes: ['bots:read'] });
+    expectDocumented('mintMyToken', mine);
+    expectDocumented('mintMyToken', await request(ctx.app).post('/v1/tokens').set(asKey).send({ scopes: ['bots:write'] }));
+    expectDocumented('mintMyToken', await request(ctx.app).post('/v1/tokens').set(asKey).send({ allowed_ips: ['10.0.0.1'] }));
+    expectDocumented('getMyToken', await request(ctx.app).get(`/v1/tokens/${mine.body.id}`).set(asKey));
+    expectDocumented('getMyToken', await request(ctx.app).get('/v1/tokens/999999').set(asKey));
+    expectDocumented('rotateMyToken', await request(ctx.app).post(`/v1/tokens/${mine.body.id}/rotate`).set(asKey).send({ grace_period_seconds: 60 }));
+    expectDocumented('rotateMyToken', await request(ctx.app).post(`/v1/tokens/${mine.body.id}/rotate`).set(asKey));
+    expectDocumented('revokeMyToken', await request(ctx.app).delete(`/v1/tokens/${mine.body.id}`).set(asKey));
+    expectDocumented('revokeMyToken', await request(ctx.app).delete('/v1/tokens/999999').set(asKey));
+    expectDocumented('getMe', await request(ctx.app).get('/v1/me').set('X-Forwarded-For', '10.0.0.1').set(asKey));
+  });
+
+  // Runs after the two above (jest keeps a file's order): a new operation must join them.
+  test('every operation in the document was checked above', () => {
+    expect(operations.map((o) => o.operationId).filter((id) => !checked.has(id))).toEqual([]);
   });
 });
