@@ -51,7 +51,6 @@ export function createApp(deps: AppDeps): KeywardApp {
 
   const catalog = scopeCatalog(config.extraScopes);
   const lastUse = new LastUseRecorder({ db, clock, logger });
-  lastUse.start();
   const users = new UsersService({ db, clock });
   const tokens = new TokensService({
     db,
@@ -98,6 +97,8 @@ export function createApp(deps: AppDeps): KeywardApp {
   );
   app.use(router);
   app.use(docsRouter(doc));
+  // Only once start-up can no longer throw: a failed createApp leaves no timer behind.
+  lastUse.start();
 
   app.use(() => {
     throw new AppError(404, 'NOT_FOUND', 'No such route.');

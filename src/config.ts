@@ -100,8 +100,9 @@ function trustProxy(raw: string, name: string): Parsed<TrustProxy> {
   return ok(entries);
 }
 
-// Scope names look like the built-in ones: `resource:action`, lowercase.
-const SCOPE_NAME = /^[a-z][a-z0-9_-]*(?::[a-z0-9_*-]+)*$/;
+// Scope names look like the built-in ones: `resource:action` (or `resource:sub:action`), lowercase. No
+// wildcards: a scope is a literal name, and `bots:*` would look like it grants `bots:read`.
+const SCOPE_NAME = /^[a-z][a-z0-9_-]*(?::[a-z0-9_-]+)+$/;
 
 function scopeList(raw: string, name: string): Parsed<readonly string[]> {
   const entries = raw.split(/[\s,]+/).filter((e) => e !== '');

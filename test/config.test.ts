@@ -358,3 +358,108 @@ describe('BCRYPT_CONCURRENCY', () => {
     expect(err.problems[0]).toContain('BCRYPT_CONCURRENCY');
   });
 });
+
+describe('EXTRA_SCOPES', () => {
+  it('defaults to no extra scopes', () => {
+    expect(loadConfig(withKey()).extraScopes).toEqual([]);
+    expect(loadConfig(withKey({ EXTRA_SCOPES: '' })).extraScopes).toEqual([]);
+  });
+
+  it.each<[string, string[]]>([
+    ['reports:read', ['reports:read']],
+    ['reports:read, billing:write', ['reports:read', 'billing:write']],
+    ['reports:read billing:write', ['reports:read', 'billing:write']],
+    [' reports:read,billing:write ,\treports:read  team-a:deploy_now ', ['reports:read', 'billing:write', 'team-a:deploy_now']],
+    [`r:${'x'.repeat(62)}`, [`r:${'x'.repeat(62)}`]],
+  ])('accepts %j, separated by commas or spaces, duplicates folded', (value, expected) => {
+    expect(loadConfig(withKey({ EXTRA_SCOPES: value })).extraScopes).toEqual(expected);
+  });
+
+  it('cannot be changed after loading: it is part of the catalog every mint is checked against', () => {
+    expect(Object.isFrozen(loadConfig(withKey({ EXTRA_SCOPES: 'reports:read' })).extraScopes)).toBe(true);
+  });
+
+  it.each<[string, string]>([
+    ['Reports:Read', 'Reports:Read'],
+    ['a b:', 'b:'],
+    ['reports:read, Billing:write', 'Billing:write'],
+    [':read', ':read'],
+    ['reports:', 'reports:'],
+    ['1reports:read', '1reports:read'],
+    ['reports:read;billing:write', 'reports:read;billing:write'],
+    [`r:${'x'.repeat(63)}`, `r:${'x'.repeat(63)}`],
+  ])('refuses %j, naming the variable and the bad entry', (value, bad) => {
+    const err = configErrorFor(withKey({ EXTRA_SCOPES: value }));
+    expect(err.problems).toHaveLength(1);
+    expect(err.problems[0]).toContain('EXTRA_SCOPES');
+    expect(err.problems[0]).toContain(bad);
+  });
+
+  // Scopes are `resource:action` (product.md, the issue); a bare word is not one, and "none" is what
+  // openapi.yaml writes for "no scope needed", so a scope by that name would only confuse.
+  it.each([['reports'], ['none']])('refuses %j, a name without an action', (value) => {
+    const err = configErrorFor(withKey({ EXTRA_SCOPES: value }));
+    expect(err.problems).toHaveLength(1);
+    expect(err.problems[0]).toContain('EXTRA_SCOPES');
+  });
+});
+
+describe('MAX_TOKEN_LIFETIME', () => {
+  it('defaults to no cap', () => {
+    expect(loadConfig(withKey()).maxTokenLifetimeSeconds).toBeNull();
+    expect(loadConfig(withKey({ MAX_TOKEN_LIFETIME: '' })).maxTokenLifetimeSeconds).toBeNull();
+  });
+
+  it.each<[string, number]>([
+    ['90d', 7_776_000],
+    ['12h', 43_200],
+    ['30m', 1_800],
+    ['120s', 120],
+    ['3600', 3_600],
+    ['60', 60],
+    ['3650d', 315_360_000],
+  ])('reads %j as %d seconds', (value, seconds) => {
+    expect(loadConfig(withKey({ MAX_TOKEN_LIFETIME: value })).maxTokenLifetimeSeconds).toBe(seconds);
+  });
+
+  it.each([['59'], ['0'], ['1y'], ['-5'], ['11000d'], ['315360001'], ['1.5h'], ['90D'], ['d'], ['90 d'], ['forever'], ['9007199254740993d']])(
+    'refuses %j',
+    (value) => {
+      const err = configErrorFor(withKey({ MAX_TOKEN_LIFETIME: value }));
+      expect(err.problems).toHaveLength(1);
+      expect(err.problems[0]).toContain('MAX_TOKEN_LIFETIME');
+      expect(err.problems[0]).toContain(`"${value}"`);
+    },
+  );
+});
+
+describe('MAX_TOKENS_PER_USER', () => {
+  it('defaults to 100', () => {
+    expect(loadConfig(withKey()).maxTokensPerUser).toBe(100);
+  });
+
+  it('takes a whole number of at least 1', () => {
+    expect(loadConfig(withKey({ MAX_TOKENS_PER_USER: '1' })).maxTokensPerUser).toBe(1);
+    expect(loadConfig(withKey({ MAX_TOKENS_PER_USER: '5000' })).maxTokensPerUser).toBe(5000);
+  });
+
+  // 0 would not mean "unlimited": it would refuse every mint, so it is refused instead.
+  it.each([['0'], ['abc'], [''], ['-1'], ['1.5'], [' 5']])('refuses %j', (value) => {
+    const err = configErrorFor(withKey({ MAX_TOKENS_PER_USER: value }));
+    expect(err.problems).toHaveLength(1);
+    expect(err.problems[0]).toContain('MAX_TOKENS_PER_USER');
+  });
+});
+
+describe('the token lifecycle variables are reported with every other problem', () => {
+  it('lists each bad one, once, alongside a missing admin key', () => {
+    const env = { EXTRA_SCOPES: 'Reports:Read', MAX_TOKEN_LIFETIME: '1y', MAX_TOKENS_PER_USER: '0', PORT: 'abc' };
+    const err = configErrorFor(env);
+    expect(err.problems).toHaveLength(Object.keys(env).length + 1);
+    for (const name of [...Object.keys(env), 'ADMIN_API_TOKEN']) {
+      const naming = err.problems.filter((p) => new RegExp(`\\b${name}\\b`).test(p));
+      expect(naming).toHaveLength(1);
+      expect(err.message).toContain(naming[0]);
+    }
+  });
+});

@@ -69,6 +69,16 @@ describe('mounting refuses a contract and handlers that disagree', () => {
     const broken = { ...doc, paths: { '/v1/open': { get: { operationId: 'open', responses: {} } } } };
     expect(() => listOperations(broken)).toThrow('openapi: open declares no security');
   });
+
+  test.each([
+    ['/v1/open', [], 'openapi: open is under v1/ but its security is open'],
+    ['/v1/open', [{ AdminApiKey: [] }], 'openapi: open is under v1/ but its security is admin'],
+    ['/admin/open', [], 'openapi: open is under admin/ but its security is open'],
+    ['/admin/open', [{ UserApiKey: [] }], 'openapi: open is under admin/ but its security is user'],
+  ])('an operation under %s with security %j stops start-up', (path, security, message) => {
+    const broken = { ...doc, paths: { [path]: { get: { operationId: 'open', security, 'x-required-scope': 'none', responses: {} } } } };
+    expect(() => listOperations(broken)).toThrow(message);
+  });
 });
 
 describe('responses match the documented schemas', () => {

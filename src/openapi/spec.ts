@@ -127,6 +127,12 @@ export function listOperations(doc: OpenApiDocument): OperationSpec[] {
       const jsonSchema = body?.content?.['application/json']?.schema;
       if (body && !jsonSchema) throw new Error(`openapi: ${operationId} has a request body that is not application/json`);
       const auth = authOf(operationId, security);
+      // The path decides which API an operation belongs to; its security must agree, so a /v1 route
+      // cannot be opened (security: []) or handed to the admin key by a slip in the document.
+      const expected: AuthKind | undefined = path.startsWith('/v1/') ? 'user' : path.startsWith('/admin/') ? 'admin' : undefined;
+      if (expected !== undefined && auth !== expected) {
+        throw new Error(`openapi: ${operationId} is under ${path.split('/')[1]}/ but its security is ${auth === 'none' ? 'open' : auth}`);
+      }
       operations.push({
         operationId,
         method,
