@@ -82,6 +82,13 @@ const parseAllowedIps = (stored: string | null): string[] | null => (stored === 
 
 const problem = (field: string, message: string): FieldProblem => ({ field, in: 'body', message });
 
+/** A date-time the schema accepted but Date cannot hold (a leap second, 23:59:60) is a 400, not a 500. */
+function parseTime(field: string, value: string): number {
+  const ms = Date.parse(value);
+  if (Number.isNaN(ms)) throw validationError([problem(field, 'is not a time keyward can represent (leap seconds are not supported)')]);
+  return ms;
+}
+
 export class TokensService {
   private readonly allowlists = new Map<string, IpAllowlist>();
 
@@ -194,6 +201,14 @@ export class TokensService {
     const nowIso = clock.now().toISOString();
     const status = tokenStatus(row, nowIso);
     if (status !== 'active') throw conflict(`This token is ${status} and cannot be changed; mint a new one instead.`);
+    // A token rotated out lives only for its grace period: its end may come sooner, never later.
+    if (
+      row.rotated_to !== null &&
+      input.expires_at !== undefined &&
+      (input.expires_at === null || parseTime('expires_at', input.expires_at) > Date.parse(row.expires_at!))
+    ) {
+      throw conflict(`This token was rotated to token ${row.rotated_to}; its grace period cannot be extended.`, { rotated_to: row.rotated_to });
+    }
 
     const changes: TokenUpdate = {};
     const problems: FieldProblem[] = [];
@@ -209,7 +224,7 @@ export class TokensService {
         if (cap !== null) problems.push(problem('expires_at', `cannot be removed: MAX_TOKEN_LIFETIME caps tokens at ${maxLifetimeSeconds} seconds`));
         changes.expires_at = null;
       } else {
-        const at = Date.parse(input.expires_at);
+        const at = parseTime('expires_at', input.expires_at);
         if (at <= Date.parse(nowIso)) problems.push(problem('expires_at', 'must be in the future'));
         else if (cap !== null && at > cap) {
           problems.push(problem('expires_at', `must be at most ${new Date(cap).toISOString()} (MAX_TOKEN_LIFETIME after the token was created)`));
@@ -283,7 +298,7 @@ export class TokensService {
     let requested: number | null = null;
     if (input.expires_in !== undefined) requested = now.getTime() + input.expires_in * 1000;
     if (input.expires_at !== undefined) {
-      requested = Date.parse(input.expires_at);
+      requested = parseTime('expires_at', input.expires_at);
       if (requested <= now.getTime()) throw validationError([problem('expires_at', 'must be in the future')]);
     }
     const cap = maxLifetimeSeconds === null ? null : now.getTime() + maxLifetimeSeconds * 1000;
