@@ -6,7 +6,7 @@ import { AppError } from '../http/errors';
 import { DigestCache } from './digest-cache';
 import type { SecretHasher } from '../tokens/secret-hasher';
 import { parseScopes } from '../tokens/scopes';
-import { IpAllowlist } from '../tokens/ip-allowlist';
+import { IpAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 import type { LastUseRecorder } from '../tokens/last-use';
 import { type Environment, maskToken, parseToken } from '../tokens/token-format';
 import { findCredentialBySelector } from '../tokens/tokens.repository';
@@ -91,11 +91,12 @@ export class TokenVerifier {
     if (row.allowed_ips !== null) {
       const allowlist = this.allowlist(row.allowed_ips);
       if (!allowlist.allows(clientIp)) {
-        throw new AppError(403, 'FORBIDDEN_IP', `This API key may not be used from ${clientIp}.`, { ip: clientIp });
+        const shown = normalizeClientIp(clientIp);
+        throw new AppError(403, 'FORBIDDEN_IP', `This API key may not be used from ${shown}.`, { ip: shown });
       }
       allowedIps = [...allowlist.entries];
     }
-    this.deps.lastUse.record(row.token_id, clientIp);
+    this.deps.lastUse.record(row.token_id, normalizeClientIp(clientIp));
 
     return {
       user: { id: row.user_id, email: row.email, name: row.user_name, maxConcurrentBots: row.max_concurrent_bots },

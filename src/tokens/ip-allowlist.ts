@@ -46,16 +46,18 @@ function ipv6ToBigInt(address: string): bigint {
 
 const MAPPED_V4 = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i;
 
-/** An IPv4 client reaches a dual-stack socket as ::ffff:a.b.c.d; it is matched as the IPv4 address. */
+/**
+ * An IPv4 client reaches a dual-stack socket as ::ffff:a.b.c.d; logs, errors and last use show it as
+ * the IPv4 address it is.
+ */
 export function normalizeClientIp(address: string): string {
   const mapped = MAPPED_V4.exec(address);
   return mapped ? mapped[1]! : address;
 }
 
 function toRange(entry: string): Range | undefined {
-  const [rawAddress, bits, ...extra] = entry.split('/');
-  if (extra.length > 0 || rawAddress === undefined) return undefined;
-  const address = normalizeClientIp(rawAddress);
+  const [address, bits, ...extra] = entry.split('/');
+  if (extra.length > 0 || address === undefined) return undefined;
   const family = isIP(address);
   if (family !== 4 && family !== 6) return undefined;
   const width: number = BITS[family];
@@ -65,7 +67,15 @@ function toRange(entry: string): Range | undefined {
     prefix = Number(bits);
     if (prefix > width) return undefined;
   }
-  const value = family === 4 ? ipv4ToBigInt(address) : ipv6ToBigInt(address);
+  let value = family === 4 ? ipv4ToBigInt(address) : ipv6ToBigInt(address);
+  // An IPv4-mapped IPv6 address or range (::ffff:0:0/96 and inside it), however it is spelt, is the
+  // IPv4 address or range it maps: that is how IPv4 clients of a dual-stack socket are matched.
+  if (family === 6 && prefix >= 96 && value >> 32n === 0xffffn) {
+    value &= 0xffffffffn;
+    const v4Prefix = prefix - 96;
+    const shift = BigInt(32 - v4Prefix);
+    return { family: 4, network: (value >> shift) << shift, prefix: v4Prefix };
+  }
   const shift = BigInt(width - prefix);
   return { family, network: (value >> shift) << shift, prefix };
 }
@@ -127,7 +137,8 @@ export class IpAllowlist {
   }
 
   allows(clientIp: string): boolean {
-    const client = toRange(normalizeClientIp(clientIp));
+    // A client is one address, never a range (a header passed through by a proxy could hold one).
+    const client = clientIp.includes('/') ? undefined : toRange(clientIp);
     return client !== undefined && this.ranges.some((r) => contains(r, client));
   }
 
