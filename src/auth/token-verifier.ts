@@ -6,7 +6,7 @@ import { AppError } from '../http/errors';
 import { DigestCache } from './digest-cache';
 import type { SecretHasher } from '../tokens/secret-hasher';
 import { parseScopes } from '../tokens/scopes';
-import { IpAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
+import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 import type { LastUseRecorder } from '../tokens/last-use';
 import { type Environment, maskToken, parseToken } from '../tokens/token-format';
 import { findCredentialBySelector } from '../tokens/tokens.repository';
@@ -53,8 +53,6 @@ export class TokenVerifier {
   private readonly failures = new LRUCache<string, number>({ max: 10_000, ttl: FAILED_CHECK_WINDOW_MS, noUpdateTTL: true });
   /** Concurrent first requests with the same token share one bcrypt check. */
   private readonly inflight = new Map<string, Promise<boolean>>();
-  /** Stored allowlist text → compiled form; allowlists are few and shared by a token's requests. */
-  private readonly allowlists = new LRUCache<string, IpAllowlist>({ max: 10_000 });
   readonly stats: VerifierStats = { bcryptChecks: 0, cacheHits: 0 };
 
   constructor(
@@ -89,7 +87,7 @@ export class TokenVerifier {
     if (row.disabled_at !== null) throw new AppError(403, 'USER_DISABLED', 'The user of this API key is disabled.');
     let allowedIps: string[] | null = null;
     if (row.allowed_ips !== null) {
-      const allowlist = this.allowlist(row.allowed_ips);
+      const allowlist = compiledAllowlist(row.allowed_ips);
       if (!allowlist.allows(clientIp)) {
         const shown = normalizeClientIp(clientIp);
         throw new AppError(403, 'FORBIDDEN_IP', `This API key may not be used from ${shown}.`, { ip: shown });
@@ -110,15 +108,6 @@ export class TokenVerifier {
         allowedIps,
       },
     };
-  }
-
-  private allowlist(stored: string): IpAllowlist {
-    let compiled = this.allowlists.get(stored);
-    if (!compiled) {
-      compiled = new IpAllowlist(JSON.parse(stored) as string[]);
-      this.allowlists.set(stored, compiled);
-    }
-    return compiled;
   }
 
   private async checkSecret(selector: string, secret: string, hash: string, digest: Buffer): Promise<void> {

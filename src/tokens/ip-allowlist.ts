@@ -1,4 +1,5 @@
 import { isIP } from 'node:net';
+import { LRUCache } from 'lru-cache';
 
 /**
  * IP allowlists: IPv4/IPv6 addresses and CIDR ranges. One representation (a family, a network as a
@@ -149,4 +150,19 @@ export class IpAllowlist {
       return range !== undefined && this.ranges.some((r) => contains(r, range));
     });
   }
+}
+
+const compiled = new LRUCache<string, IpAllowlist>({ max: 10_000 });
+
+/**
+ * The compiled allowlist for its stored form (the JSON text in the token row). Allowlists are few and
+ * each is checked on every request of its tokens, so each is parsed once.
+ */
+export function compiledAllowlist(stored: string): IpAllowlist {
+  let allowlist = compiled.get(stored);
+  if (!allowlist) {
+    allowlist = new IpAllowlist(JSON.parse(stored) as string[]);
+    compiled.set(stored, allowlist);
+  }
+  return allowlist;
 }

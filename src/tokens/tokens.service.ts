@@ -4,7 +4,7 @@ import type { Clock } from '../clock';
 import { AppError, conflict, type FieldProblem, notFound, validationError } from '../http/errors';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
 import type { UsersService } from '../users/users.service';
-import { IpAllowlist, parseAllowlist } from './ip-allowlist';
+import { compiledAllowlist, parseAllowlist } from './ip-allowlist';
 import type { LastUseRecorder } from './last-use';
 import type { SecretHasher } from './secret-hasher';
 import { insufficientScope, normalizeScopes, parseScopes, serializeScopes } from './scopes';
@@ -90,8 +90,6 @@ function parseTime(field: string, value: string): number {
 }
 
 export class TokensService {
-  private readonly allowlists = new Map<string, IpAllowlist>();
-
   constructor(
     private readonly deps: {
       db: Db;
@@ -165,7 +163,7 @@ export class TokensService {
     const scopes = parseScopes(old.scopes);
     const allowedIps = parseAllowedIps(old.allowed_ips);
     this.checkWithinIssuer(issuer, scopes, old.environment);
-    if (issuer.kind === 'key' && issuer.allowedIps !== null && (allowedIps === null || !this.allowlist(issuer.allowedIps).covers(allowedIps))) {
+    if (issuer.kind === 'key' && issuer.allowedIps !== null && (allowedIps === null || !compiledAllowlist(JSON.stringify(issuer.allowedIps)).covers(allowedIps))) {
       throw new AppError(403, 'FORBIDDEN_IP', 'This token may be used from addresses this API key may not; it cannot rotate it.');
     }
 
@@ -283,7 +281,7 @@ export class TokensService {
     if (!parsed.ok) {
       throw validationError(parsed.invalid.map((entry) => problem('allowed_ips', `"${entry}" is not an IPv4/IPv6 address or CIDR range`)));
     }
-    if (inherited !== null && !this.allowlist(inherited).covers(parsed.entries)) {
+    if (inherited !== null && !compiledAllowlist(JSON.stringify(inherited)).covers(parsed.entries)) {
       throw validationError([problem('allowed_ips', `must stay within this API key's own allowlist (${inherited.join(', ')})`)]);
     }
     return parsed.entries;
@@ -312,17 +310,6 @@ export class TokensService {
     // Without a requested expiry, the tightest bound that applies, if any.
     const expires = requested ?? [cap, ceiling].filter((v): v is number => v !== null).reduce<number | null>((a, b) => (a === null ? b : Math.min(a, b)), null);
     return expires === null ? null : new Date(expires).toISOString();
-  }
-
-  private allowlist(entries: readonly string[]): IpAllowlist {
-    const key = entries.join(',');
-    let compiled = this.allowlists.get(key);
-    if (!compiled) {
-      if (this.allowlists.size >= 1000) this.allowlists.clear();
-      compiled = new IpAllowlist(entries);
-      this.allowlists.set(key, compiled);
-    }
-    return compiled;
   }
 
   private async insert(
