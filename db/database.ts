@@ -1,7 +1,7 @@
 import { closeSync, chmodSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import SqliteDatabase from 'better-sqlite3';
-import { type CompiledQuery, Kysely, Migrator, SqliteDialect } from 'kysely';
+import { type CompiledQuery, Kysely, Migrator, SqliteDialect, sql } from 'kysely';
 import { migrationProvider } from './migrations';
 import type { Database } from './schema';
 
@@ -81,6 +81,27 @@ export function hotRead<Row>(db: Db, query: CompiledQuery): (parameters: readonl
     return async (parameters) => (statements.inTransaction() ? viaKysely(parameters) : (statement.get(parameters) as Row | undefined));
   }
   return async (parameters) => (await db.executeQuery<Row>({ ...query, parameters })).rows[0];
+}
+
+/**
+ * The one way keyward writes in a transaction. On SQLite it begins IMMEDIATE: the write lock is taken
+ * before the first read, so a read-then-write step (count the active bots, then admit one) is atomic
+ * even across processes sharing the file; a second process waits (busy_timeout) instead of acting on
+ * a count that is already stale. PostgreSQL gets its own form when its dialect lands.
+ */
+export async function writeTransaction<T>(db: Db, work: (trx: Db) => Promise<T>): Promise<T> {
+  if (!sqliteStatements.has(db)) return db.transaction().execute(work);
+  return db.connection().execute(async (connection) => {
+    await sql`begin immediate`.execute(connection);
+    try {
+      const result = await work(connection);
+      await sql`commit`.execute(connection);
+      return result;
+    } catch (err) {
+      await sql`rollback`.execute(connection).catch(() => undefined);
+      throw err;
+    }
+  });
 }
 
 /** The file is created before SQLite opens it, so there is no moment where others can read it. */

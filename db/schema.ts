@@ -17,6 +17,8 @@ export interface UsersTable {
   deleted_at: string | null;
   created_at: string;
   updated_at: string;
+  /** Requests a minute on /v1; 0 blocks. Never NULL: there is no implicit "unlimited". */
+  rate_limit_per_minute: Generated<number>;
 }
 
 export interface TokensTable {
@@ -44,9 +46,34 @@ export interface TokensTable {
   last_used_ip: string | null;
 }
 
+export type BotStatus = 'active' | 'released' | 'expired';
+
+/** A lease on one of a user's `max_concurrent_bots` slots. */
+export interface BotsTable {
+  id: Generated<number>;
+  user_id: number;
+  /** The key that acquired it. */
+  token_id: number | null;
+  platform: string | null;
+  native_meeting_id: string | null;
+  label: string | null;
+  /** JSON text of the runner's free-form object. */
+  metadata: string | null;
+  /** 'active' until released or expired; an active row past expires_at is expired, swept or not. */
+  status: BotStatus;
+  ttl_seconds: number;
+  created_at: string;
+  heartbeat_at: string;
+  expires_at: string;
+  ended_at: string | null;
+  /** Who ended it: 'user' (release), 'admin' (force release) or 'expiry'. */
+  ended_by: 'user' | 'admin' | 'expiry' | null;
+}
+
 export interface Database {
   users: UsersTable;
   tokens: TokensTable;
+  bots: BotsTable;
 }
 
 export type UserRow = Selectable<UsersTable>;
@@ -55,3 +82,5 @@ export type UserUpdate = Updateable<UsersTable>;
 export type TokenRow = Selectable<TokensTable>;
 export type NewTokenRow = Insertable<TokensTable>;
 export type TokenUpdate = Updateable<TokensTable>;
+export type BotRow = Selectable<BotsTable>;
+export type NewBotRow = Insertable<BotsTable>;

@@ -1,6 +1,7 @@
 import type { Migration, MigrationProvider } from 'kysely';
 import * as initial from './20261123-0001-initial';
 import * as tokenLifecycle from './20261123-0002-token-lifecycle';
+import * as botsAndRateLimits from './20261123-0003-bots-and-rate-limits';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -9,6 +10,7 @@ import * as tokenLifecycle from './20261123-0002-token-lifecycle';
 const MIGRATIONS: Record<string, Migration> = {
   '20261123-0001-initial': initial,
   '20261123-0002-token-lifecycle': tokenLifecycle,
+  '20261123-0003-bots-and-rate-limits': botsAndRateLimits,
 };
 
 export const migrationProvider: MigrationProvider = {

@@ -1,6 +1,5 @@
-import { type Db, hotRead } from '../../db/database';
-import type { Transaction } from 'kysely';
-import type { Database, NewTokenRow, TokenRow, TokenUpdate } from '../../db/schema';
+import { type Db, hotRead, writeTransaction } from '../../db/database';
+import type { NewTokenRow, TokenRow, TokenUpdate } from '../../db/schema';
 import type { PageRequest } from '../http/pagination';
 
 /** Token metadata as listings show it: every column except the secret's hash. */
@@ -24,13 +23,11 @@ const METADATA_COLUMNS = [
   'last_used_ip',
 ] as const;
 
-type Executor = Db | Transaction<Database>;
-
-export async function insertToken(db: Executor, row: NewTokenRow): Promise<TokenMetadataRow> {
+export async function insertToken(db: Db, row: NewTokenRow): Promise<TokenMetadataRow> {
   return db.insertInto('tokens').values(row).returning(METADATA_COLUMNS).executeTakeFirstOrThrow();
 }
 
-export async function findTokenById(db: Executor, id: number): Promise<TokenMetadataRow | undefined> {
+export async function findTokenById(db: Db, id: number): Promise<TokenMetadataRow | undefined> {
   return db.selectFrom('tokens').select(METADATA_COLUMNS).where('id', '=', id).executeTakeFirst();
 }
 
@@ -59,7 +56,7 @@ export async function listTokens(db: Db, filter: TokenFilter, page: PageRequest,
  * Tokens that count against MAX_TOKENS_PER_USER: neither revoked nor expired, and not already replaced
  * by rotation (those are on their way out at the end of their grace period).
  */
-export async function countActiveTokensOfUser(db: Executor, userId: number, now: string): Promise<number> {
+export async function countActiveTokensOfUser(db: Db, userId: number, now: string): Promise<number> {
   const { n } = await db
     .selectFrom('tokens')
     .select((eb) => eb.fn.countAll<number>().as('n'))
@@ -71,7 +68,7 @@ export async function countActiveTokensOfUser(db: Executor, userId: number, now:
   return Number(n);
 }
 
-export async function updateToken(db: Executor, id: number, changes: TokenUpdate): Promise<TokenMetadataRow | undefined> {
+export async function updateToken(db: Db, id: number, changes: TokenUpdate): Promise<TokenMetadataRow | undefined> {
   return db.updateTable('tokens').set(changes).where('id', '=', id).returning(METADATA_COLUMNS).executeTakeFirst();
 }
 
@@ -79,7 +76,7 @@ export async function updateToken(db: Executor, id: number, changes: TokenUpdate
  * Links a token to its successor and shortens its life to the grace period, only if nobody rotated or
  * revoked it meanwhile. Returns false when the guard did not match.
  */
-export async function markRotated(db: Executor, id: number, successorId: number, expiresAt: string): Promise<boolean> {
+export async function markRotated(db: Db, id: number, successorId: number, expiresAt: string): Promise<boolean> {
   const result = await db
     .updateTable('tokens')
     .set({ rotated_to: successorId, expires_at: expiresAt })
@@ -95,13 +92,13 @@ export async function revokeToken(db: Db, id: number, now: string): Promise<void
   await db.updateTable('tokens').set({ revoked_at: now }).where('id', '=', id).where('revoked_at', 'is', null).execute();
 }
 
-export async function revokeAllTokensOfUser(db: Executor, userId: number, now: string): Promise<void> {
+export async function revokeAllTokensOfUser(db: Db, userId: number, now: string): Promise<void> {
   await db.updateTable('tokens').set({ revoked_at: now }).where('user_id', '=', userId).where('revoked_at', 'is', null).execute();
 }
 
 /** One statement per token, in one transaction: the last-use recorder's periodic flush. */
 export async function writeLastUse(db: Db, uses: Array<{ id: number; at: string; ip: string }>): Promise<void> {
-  await db.transaction().execute(async (trx) => {
+  await writeTransaction(db, async (trx) => {
     for (const use of uses) {
       await trx
         .updateTable('tokens')

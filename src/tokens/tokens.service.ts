@@ -1,4 +1,4 @@
-import { isUniqueViolation, type Db } from '../../db/database';
+import { isUniqueViolation, type Db, writeTransaction } from '../../db/database';
 import type { TokenUpdate } from '../../db/schema';
 import type { Clock } from '../clock';
 import { AppError, conflict, type FieldProblem, notFound, validationError } from '../http/errors';
@@ -333,7 +333,7 @@ export class TokensService {
       const minted = generateToken(tokenPrefix, token.environment);
       const secretHash = await hasher.hash(minted.secret);
       try {
-        const row = await db.transaction().execute(async (trx) => {
+        const row = await writeTransaction(db, async (trx) => {
           await before?.(trx);
           const inserted = await tokens.insertToken(trx, {
             user_id: token.userId,

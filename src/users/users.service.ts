@@ -1,4 +1,4 @@
-import { isUniqueViolation, type Db } from '../../db/database';
+import { isUniqueViolation, type Db, writeTransaction } from '../../db/database';
 import type { UserRow, UserUpdate } from '../../db/schema';
 import { type Clock, isoNow } from '../clock';
 import { conflict, notFound, validationError } from '../http/errors';
@@ -150,7 +150,7 @@ export class UsersService {
   /** Deleting a user revokes every token in the same transaction: no window where they still work. */
   async delete(id: number): Promise<void> {
     const now = isoNow(this.deps.clock);
-    const deleted = await this.deps.db.transaction().execute(async (trx) => {
+    const deleted = await writeTransaction(this.deps.db, async (trx) => {
       if (!(await users.markUserDeleted(trx, id, now))) return false;
       await revokeAllTokensOfUser(trx, id, now);
       return true;
