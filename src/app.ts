@@ -12,9 +12,12 @@ import { AppError } from './http/errors';
 import { mountOperations } from './http/operations';
 import { requestContext } from './http/request-context';
 import { securityHeaders } from './http/security-headers';
+import { adminBotsHandlers, botsHandlers } from './bots/bots.routes';
+import { BotsService } from './bots/bots.service';
 import { createLogger, type Logger } from './logger';
 import { meHandlers } from './me/me.routes';
 import { listOperations, loadSpec } from './openapi/spec';
+import { RateLimits } from './rate-limit/rate-limits';
 import { bcryptHasher, type SecretHasher } from './tokens/secret-hasher';
 import { LastUseRecorder } from './tokens/last-use';
 import { BUILT_IN_SCOPES, scopeCatalog } from './tokens/scopes';
@@ -36,6 +39,7 @@ export interface KeywardApp extends Express {
   readonly verifier: TokenVerifier;
   /** Last use of each token, written in batches; server.ts stops it (flushing) before closing the database. */
   readonly lastUse: LastUseRecorder;
+  readonly bots: BotsService;
 }
 
 /**
@@ -50,8 +54,10 @@ export function createApp(deps: AppDeps): KeywardApp {
   const lifecycle = deps.lifecycle ?? { draining: false };
 
   const catalog = scopeCatalog(config.extraScopes);
+  const limits = new RateLimits(config);
   const lastUse = new LastUseRecorder({ db, clock, logger });
-  const users = new UsersService({ db, clock });
+  const bots = new BotsService({ db, clock, logger, retentionSeconds: config.botRetentionSeconds });
+  const users = new UsersService({ db, clock, defaultRateLimit: config.rateLimitPerMinute, activeBots: (ids) => bots.activeCounts(ids) });
   const tokens = new TokensService({
     db,
     clock,
@@ -66,7 +72,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   const verifier = new TokenVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, cacheSize: config.verifyCacheSize, lastUse });
 
   const app = express() as unknown as KeywardApp;
-  Object.defineProperties(app, { verifier: { value: verifier }, lastUse: { value: lastUse } });
+  Object.defineProperties(app, { verifier: { value: verifier }, lastUse: { value: lastUse }, bots: { value: bots } });
   app.disable('x-powered-by');
   // API responses are not cacheable resources; skipping ETags also saves hashing every body.
   app.set('etag', false);
@@ -91,14 +97,17 @@ export function createApp(deps: AppDeps): KeywardApp {
       ...usersHandlers(users),
       ...tokensHandlers(tokens),
       ...selfServiceTokensHandlers(tokens),
+      ...botsHandlers(bots),
+      ...adminBotsHandlers(bots, users),
       ...meHandlers(),
     },
-    { admin: requireAdmin(config.adminKeyDigest), user: requireUser(verifier) },
+    { admin: requireAdmin(config.adminKeyDigest, limits), user: requireUser(verifier, limits) },
   );
   app.use(router);
   app.use(docsRouter(doc));
   // Only once start-up can no longer throw: a failed createApp leaves no timer behind.
   lastUse.start();
+  bots.start();
 
   app.use(() => {
     throw new AppError(404, 'NOT_FOUND', 'No such route.');

@@ -23,6 +23,14 @@ export interface Config {
   /** Longest a token may live, in seconds; null: no cap. */
   readonly maxTokenLifetimeSeconds: number | null;
   readonly maxTokensPerUser: number;
+  /** Default requests a minute on /v1 for new users. */
+  readonly rateLimitPerMinute: number;
+  /** Wrong keys a client address may send a minute before it is refused outright. */
+  readonly authFailuresPerMinute: number;
+  /** Requests a minute on /admin per client address. */
+  readonly adminRateLimitPerMinute: number;
+  /** How long finished bots stay visible, in seconds. */
+  readonly botRetentionSeconds: number;
 }
 
 export class ConfigError extends Error {
@@ -113,15 +121,20 @@ function scopeList(raw: string, name: string): Parsed<readonly string[]> {
 
 const UNIT_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
 
-function lifetime(raw: string, name: string): Parsed<number | null> {
-  const value = raw.trim();
-  if (value === '') return ok(null);
-  const m = /^(\d+)([smhd]?)$/.exec(value);
-  const seconds = m ? Number(m[1]) * UNIT_SECONDS[m[2] || 's']! : NaN;
-  if (!Number.isSafeInteger(seconds) || seconds < 60 || seconds > 315_360_000) {
-    return bad(`${name} must be a duration from 60 seconds to 10 years, in seconds or with a unit (90d, 12h, 30m), got "${raw}"`);
-  }
-  return ok(seconds);
+function duration(min: number, max: number) {
+  return (raw: string, name: string): Parsed<number> => {
+    const m = /^(\d+)([smhd]?)$/.exec(raw.trim());
+    const seconds = m ? Number(m[1]) * UNIT_SECONDS[m[2] || 's']! : NaN;
+    if (!Number.isSafeInteger(seconds) || seconds < min || seconds > max) {
+      return bad(`${name} must be a duration from ${min} to ${max} seconds, in seconds or with a unit (90d, 12h, 30m), got "${raw}"`);
+    }
+    return ok(seconds);
+  };
+}
+
+/** Empty means "none" (null); anything else must parse. */
+function optional<T>(parse: (raw: string, name: string) => Parsed<T>) {
+  return (raw: string, name: string): Parsed<T | null> => (raw.trim() === '' ? ok(null) : parse(raw, name));
 }
 
 /** The one table of settings: the loader, .env.example and the README's table all follow it. */
@@ -155,10 +168,18 @@ export const VARIABLES: readonly Variable[] = [
     } },
   { name: 'EXTRA_SCOPES', key: 'extraScopes', default: '', parse: scopeList,
     doc: 'More scopes tokens may carry, for your own services (comma- or space-separated, e.g. reports:read).' },
-  { name: 'MAX_TOKEN_LIFETIME', key: 'maxTokenLifetimeSeconds', default: '', parse: lifetime,
+  { name: 'MAX_TOKEN_LIFETIME', key: 'maxTokenLifetimeSeconds', default: '', parse: optional(duration(60, 315_360_000)),
     doc: 'Longest a token may live (e.g. 90d, 12h, or seconds); tokens minted without expiry get it. Empty: no cap.' },
   { name: 'MAX_TOKENS_PER_USER', key: 'maxTokensPerUser', default: '100', parse: integer(1, 100_000),
     doc: 'Active tokens a user may hold at once, admin mints included; tokens being rotated out do not count.' },
+  { name: 'RATE_LIMIT_PER_MINUTE', key: 'rateLimitPerMinute', default: '600', parse: integer(0, 1_000_000),
+    doc: 'Default /v1 requests a minute for new users (each user can have their own; 0 blocks).' },
+  { name: 'AUTH_FAILURES_PER_MINUTE', key: 'authFailuresPerMinute', default: '20', parse: integer(1, 100_000),
+    doc: 'Wrong API or admin keys a client address may send a minute; past it, its unknown keys get 429 without any lookup.' },
+  { name: 'ADMIN_RATE_LIMIT_PER_MINUTE', key: 'adminRateLimitPerMinute', default: '1200', parse: integer(1, 1_000_000),
+    doc: 'Admin API requests a minute per client address.' },
+  { name: 'BOT_RETENTION', key: 'botRetentionSeconds', default: '7d', parse: duration(3600, 31_536_000),
+    doc: 'How long released and expired bots stay visible before they are deleted (e.g. 7d, 48h).' },
 ];
 
 /** Pure: reads only the given environment, and reports every problem at once. */

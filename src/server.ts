@@ -65,6 +65,7 @@ async function main(): Promise<void> {
     force.unref();
     server.close(() => {
       clearTimeout(force);
+      app.bots.stop();
       // Last-use times recorded since the last flush are written before the database closes.
       app.lastUse
         .stop()

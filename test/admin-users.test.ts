@@ -24,13 +24,15 @@ describe('POST /admin/users', () => {
       email: 'user@example.com',
       name: 'User',
       max_concurrent_bots: 5,
+      active_bots: 0,
+      rate_limit_per_minute: 600,
       data: null,
       disabled: false,
       disabled_at: null,
       created_at: '2026-01-01T00:00:00.000Z',
       updated_at: '2026-01-01T00:00:00.000Z',
     });
-    expect(await userRow(1)).toMatchObject({ email: 'user@example.com', email_lower: 'user@example.com', max_concurrent_bots: 5 });
+    expect(await userRow(1)).toMatchObject({ email: 'user@example.com', email_lower: 'user@example.com', max_concurrent_bots: 5, rate_limit_per_minute: 600 });
   });
 
   test('defaults max_concurrent_bots to 3 and keeps a data object', async () => {

@@ -52,3 +52,45 @@ describe('DigestCache', () => {
     expect(() => new DigestCache(2).set(1, Buffer.alloc(16))).toThrow('sha256 digests only');
   });
 });
+
+describe('finding a digest without its token id', () => {
+  const digest = (n: number) => createHash('sha256').update(`token-${n}`).digest();
+
+  test('knows exactly the digests it holds, through evictions and overwrites', () => {
+    const cache = new DigestCache(64);
+    const held = new Map<number, Buffer>();
+    let seed = 7;
+    const random = (n: number) => {
+      // An LCG's low bits cycle quickly: take the high ones.
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return Math.floor((seed / 2 ** 31) * n);
+    };
+    for (let step = 0; step < 20_000; step++) {
+      const id = random(200);
+      const value = digest(random(400));
+      cache.set(id, value);
+      held.set(id, value);
+      // Mirror the LRU: whatever the cache no longer holds is gone from the reference too.
+      for (const known of [...held.keys()]) if (cache.get(known) === undefined) held.delete(known);
+      if (step % 97 === 0) {
+        for (let n = 0; n < 400; n++) {
+          const d = digest(n);
+          expect(cache.has(d)).toBe([...held.values()].some((v) => v.equals(d)));
+        }
+      }
+    }
+    expect(cache.size).toBe(64);
+    expect(held.size).toBe(64);
+  });
+
+  test('answers false for a digest it never saw, and after the token is evicted', () => {
+    const cache = new DigestCache(2);
+    cache.set(1, digest(1));
+    expect(cache.has(digest(1))).toBe(true);
+    expect(cache.has(digest(2))).toBe(false);
+    cache.set(2, digest(2));
+    cache.set(3, digest(3));
+    expect(cache.has(digest(1))).toBe(false);
+    expect([cache.has(digest(2)), cache.has(digest(3))]).toEqual([true, true]);
+  });
+});

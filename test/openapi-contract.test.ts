@@ -163,6 +163,31 @@ describe('responses match the documented schemas', () => {
     expectDocumented('getMe', await request(ctx.app).get('/v1/me').set('X-Forwarded-For', '10.0.0.1').set(asKey));
   });
 
+  test('for bots, on success and on error', async () => {
+    const user = await createUser(ctx, { max_concurrent_bots: 1 });
+    const key = await mintToken(ctx, user.id, { scopes: ['bots:read', 'bots:write'] });
+    const asKey = { 'X-API-Key': key.token };
+
+    const bot = await request(ctx.app).post('/v1/bots').set(asKey).send({ platform: 'meet', native_meeting_id: 'm-1', metadata: { a: 1 } });
+    expectDocumented('acquireBot', bot);
+    expectDocumented('acquireBot', await request(ctx.app).post('/v1/bots').set(asKey).send({ native_meeting_id: 'm-2' }));
+    expectDocumented('acquireBot', await request(ctx.app).post('/v1/bots').set(asKey).send({ ttl_seconds: 1 }));
+    expectDocumented('listMyBots', await request(ctx.app).get('/v1/bots').set(asKey));
+    expectDocumented('getMyBot', await request(ctx.app).get(`/v1/bots/${bot.body.id}`).set(asKey));
+    expectDocumented('getMyBot', await request(ctx.app).get('/v1/bots/999999').set(asKey));
+    expectDocumented('heartbeatBot', await request(ctx.app).post(`/v1/bots/${bot.body.id}/heartbeat`).set(asKey).send({ ttl_seconds: 60 }));
+    expectDocumented('listUserBots', await request(ctx.app).get(`/admin/users/${user.id}/bots?status=active`).set(admin));
+    expectDocumented('listUserBots', await request(ctx.app).get('/admin/users/999999/bots').set(admin));
+    expectDocumented('listBots', await request(ctx.app).get('/admin/bots?status=active').set(admin));
+    expectDocumented('listBots', await request(ctx.app).get('/admin/bots?status=running').set(admin));
+    expectDocumented('getBot', await request(ctx.app).get(`/admin/bots/${bot.body.id}`).set(admin));
+    expectDocumented('releaseBot', await request(ctx.app).delete(`/v1/bots/${bot.body.id}`).set(asKey));
+    expectDocumented('heartbeatBot', await request(ctx.app).post(`/v1/bots/${bot.body.id}/heartbeat`).set(asKey));
+    expectDocumented('releaseBot', await request(ctx.app).delete('/v1/bots/999999').set(asKey));
+    expectDocumented('forceReleaseBot', await request(ctx.app).delete(`/admin/bots/${bot.body.id}`).set(admin));
+    expectDocumented('forceReleaseBot', await request(ctx.app).delete('/admin/bots/999999').set(admin));
+  });
+
   // Runs after the two above (jest keeps a file's order): a new operation must join them.
   test('every operation in the document was checked above', () => {
     expect(operations.map((o) => o.operationId).filter((id) => !checked.has(id))).toEqual([]);

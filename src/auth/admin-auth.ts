@@ -1,13 +1,19 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { AppError } from '../http/errors';
 import type { Guard } from '../http/operations';
+import type { RateLimits } from '../rate-limit/rate-limits';
+import { clientIpOf } from './user-auth';
 
 /**
- * The one auth path for /admin. Both sides are hashed to 32 bytes first, so the comparison takes the
- * same time whatever the length or content of what was sent.
+ * The one auth path for /admin. Every request from an address counts against the admin rate limit.
+ * Both sides of the key comparison are hashed to 32 bytes first, so it takes the same time whatever
+ * the length or content of what was sent. An address that sent too many wrong keys gets 429 for any
+ * key but the right one.
  */
-export function requireAdmin(adminKeyDigest: Buffer): Guard {
-  return (req) => {
+export function requireAdmin(adminKeyDigest: Buffer, limits: RateLimits): Guard {
+  return async (req, res) => {
+    const ip = clientIpOf(req);
+    await limits.adminRequest(ip, res);
     const sent = req.headers['x-admin-api-key'];
     if (typeof sent !== 'string' || sent === '') {
       const userKey = req.headers['x-api-key'] !== undefined || req.headers.authorization !== undefined;
@@ -20,6 +26,9 @@ export function requireAdmin(adminKeyDigest: Buffer): Guard {
       );
     }
     if (!timingSafeEqual(createHash('sha256').update(sent).digest(), adminKeyDigest)) {
+      const blocked = await limits.blocked(ip);
+      if (blocked) throw blocked;
+      await limits.authFailed(ip);
       throw new AppError(401, 'INVALID_ADMIN_KEY', 'The admin key is not valid.');
     }
   };

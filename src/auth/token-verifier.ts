@@ -12,7 +12,7 @@ import { type Environment, maskToken, parseToken } from '../tokens/token-format'
 import { findCredentialBySelector } from '../tokens/tokens.repository';
 
 export interface AuthContext {
-  user: { id: number; email: string; name: string | null; maxConcurrentBots: number };
+  user: { id: number; email: string; name: string | null; maxConcurrentBots: number; rateLimitPerMinute: number };
   token: {
     id: number;
     name: string | null;
@@ -61,6 +61,14 @@ export class TokenVerifier {
     this.verified = new DigestCache(deps.cacheSize);
   }
 
+  /**
+   * Whether this exact token was verified by this process and is still remembered: pure memory, no
+   * lookup and no bcrypt. An address blocked for wrong keys may still use such a key.
+   */
+  knows(presented: string): boolean {
+    return parseToken(presented, this.deps.tokenPrefix) !== null && this.verified.has(sha256(presented));
+  }
+
   /** `clientIp` is the caller's address as TRUST_PROXY allows it to be known (Express's req.ip). */
   async verify(presented: string, clientIp: string): Promise<AuthContext> {
     const parsed = parseToken(presented, this.deps.tokenPrefix);
@@ -97,7 +105,13 @@ export class TokenVerifier {
     this.deps.lastUse.record(row.token_id, normalizeClientIp(clientIp));
 
     return {
-      user: { id: row.user_id, email: row.email, name: row.user_name, maxConcurrentBots: row.max_concurrent_bots },
+      user: {
+        id: row.user_id,
+        email: row.email,
+        name: row.user_name,
+        maxConcurrentBots: row.max_concurrent_bots,
+        rateLimitPerMinute: row.rate_limit_per_minute,
+      },
       token: {
         id: row.token_id,
         name: row.token_name,

@@ -1,6 +1,7 @@
 import type { Request, Response } from 'express';
 import type { Guard } from '../http/operations';
 import { AppError } from '../http/errors';
+import type { RateLimits } from '../rate-limit/rate-limits';
 import { insufficientScope } from '../tokens/scopes';
 import type { AuthContext, TokenVerifier } from './token-verifier';
 
@@ -24,15 +25,31 @@ function presentedKey(req: Request): string {
   throw new AppError(401, 'AUTHENTICATION_REQUIRED', hint, undefined, CHALLENGE);
 }
 
+/** The caller's address as TRUST_PROXY allows it to be known. */
+export const clientIpOf = (req: Request): string => req.ip ?? req.socket.remoteAddress ?? '';
+
 /**
- * The one auth path for /v1: anything it does not understand is a refusal. The key is verified first,
- * then the operation's scope (openapi.yaml's x-required-scope), so nobody learns what a route needs
- * without a valid key.
+ * The one auth path for /v1: anything it does not understand is a refusal. In order: an address that
+ * sent too many wrong keys gets 429 unless its key is one this process already verified (no lookup,
+ * no bcrypt for anything else); the key is verified; the user's rate limit is counted; then the
+ * operation's scope (openapi.yaml's x-required-scope), so nobody learns what a route needs without a
+ * valid key.
  */
-export function requireUser(verifier: TokenVerifier): Guard {
+export function requireUser(verifier: TokenVerifier, limits: RateLimits): Guard {
   return async (req, res, op) => {
-    const auth = await verifier.verify(presentedKey(req), req.ip ?? req.socket.remoteAddress ?? '');
+    const ip = clientIpOf(req);
+    const key = presentedKey(req);
+    const blocked = await limits.blocked(ip);
+    if (blocked && !verifier.knows(key)) throw blocked;
+    let auth: AuthContext;
+    try {
+      auth = await verifier.verify(key, ip);
+    } catch (err) {
+      if (err instanceof AppError && err.code === 'INVALID_API_KEY') await limits.authFailed(ip);
+      throw err;
+    }
     res.locals.auth = auth;
+    await limits.userRequest(auth.user.id, auth.user.rateLimitPerMinute, res);
     if (op.requiredScope !== null && !auth.token.scopes.includes(op.requiredScope)) throw insufficientScope([op.requiredScope]);
   };
 }

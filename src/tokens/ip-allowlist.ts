@@ -102,6 +102,17 @@ function format(range: Range): string {
   return range.prefix === width ? text : `${text}/${range.prefix}`;
 }
 
+/**
+ * A client address as rate limits count it: IPv4 as it is, IPv6 by its /64, the block one subscriber
+ * usually gets (otherwise one machine could rotate through addresses and never be counted).
+ */
+export function clientNetwork(ip: string): string {
+  const range = ip.includes('/') ? undefined : toRange(ip);
+  if (!range) return ip;
+  if (range.family === 4) return format(range);
+  return format({ family: 6, network: (range.network >> 64n) << 64n, prefix: 64 });
+}
+
 export type AllowlistParse = { ok: true; entries: string[] } | { ok: false; invalid: string[] };
 
 /**

@@ -126,6 +126,7 @@ export interface CredentialRow {
   email: string;
   user_name: string | null;
   max_concurrent_bots: number;
+  rate_limit_per_minute: number;
   disabled_at: string | null;
   deleted_at: string | null;
 }
@@ -164,6 +165,7 @@ function credentialQuery(db: Db, selector: string) {
       'users.email',
       'users.name as user_name',
       'users.max_concurrent_bots',
+      'users.rate_limit_per_minute',
       'users.disabled_at',
       'users.deleted_at',
     ])

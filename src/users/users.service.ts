@@ -2,7 +2,9 @@ import { isUniqueViolation, type Db, writeTransaction } from '../../db/database'
 import type { UserRow, UserUpdate } from '../../db/schema';
 import { type Clock, isoNow } from '../clock';
 import { conflict, notFound, validationError } from '../http/errors';
+import { boundedJson } from '../http/json-limits';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
+import { endLeasesOfUser } from '../bots/bots.repository';
 import { revokeAllTokensOfUser } from '../tokens/tokens.repository';
 import * as users from './users.repository';
 
@@ -15,6 +17,9 @@ export interface UserResponse {
   email: string;
   name: string | null;
   max_concurrent_bots: number;
+  /** Bots holding a slot right now. */
+  active_bots: number;
+  rate_limit_per_minute: number;
   data: Record<string, unknown> | null;
   disabled: boolean;
   disabled_at: string | null;
@@ -22,12 +27,14 @@ export interface UserResponse {
   updated_at: string;
 }
 
-export function toUserResponse(row: UserRow): UserResponse {
+export function toUserResponse(row: UserRow, activeBots: number): UserResponse {
   return {
     id: row.id,
     email: row.email,
     name: row.name,
     max_concurrent_bots: row.max_concurrent_bots,
+    active_bots: activeBots,
+    rate_limit_per_minute: row.rate_limit_per_minute,
     data: row.data === null ? null : (JSON.parse(row.data) as Record<string, unknown>),
     disabled: row.disabled_at !== null,
     disabled_at: row.disabled_at,
@@ -40,44 +47,38 @@ export interface CreateUserInput {
   email: string;
   name?: string | null;
   max_concurrent_bots?: number;
+  rate_limit_per_minute?: number;
   data?: Record<string, unknown> | null;
 }
 
 export interface UpdateUserInput {
   name?: string | null;
   max_concurrent_bots?: number;
+  rate_limit_per_minute?: number;
   data?: Record<string, unknown> | null;
   disabled?: boolean;
 }
 
 export const MAX_DATA_DEPTH = 32;
 
-/** Iterative, so a hostile body cannot exhaust the stack here (JSON.stringify would, with a 500). */
-function nestedDeeperThan(value: unknown, max: number): boolean {
-  const stack: Array<[unknown, number]> = [[value, 1]];
-  while (stack.length > 0) {
-    const [current, depth] = stack.pop()!;
-    if (typeof current !== 'object' || current === null) continue;
-    if (depth > max) return true;
-    for (const child of Object.values(current)) stack.push([child, depth + 1]);
-  }
-  return false;
-}
-
-function serializeData(data: Record<string, unknown> | null | undefined): string | null {
-  if (data === undefined || data === null) return null;
-  if (nestedDeeperThan(data, MAX_DATA_DEPTH)) {
-    throw validationError([{ field: 'data', in: 'body', message: `must not nest deeper than ${MAX_DATA_DEPTH} levels` }]);
-  }
-  const text = JSON.stringify(data);
-  if (Buffer.byteLength(text) > MAX_DATA_BYTES) {
-    throw validationError([{ field: 'data', in: 'body', message: `must be at most ${MAX_DATA_BYTES} bytes as JSON` }]);
-  }
-  return text;
-}
+const serializeData = (data: Record<string, unknown> | null | undefined) =>
+  boundedJson('data', data, { maxBytes: MAX_DATA_BYTES, maxDepth: MAX_DATA_DEPTH });
 
 export class UsersService {
-  constructor(private readonly deps: { db: Db; clock: Clock }) {}
+  constructor(
+    private readonly deps: {
+      db: Db;
+      clock: Clock;
+      /** RATE_LIMIT_PER_MINUTE: what a user created without one gets. */
+      defaultRateLimit: number;
+      /** Active bots per user (the bots feature answers). */
+      activeBots: (userIds: number[]) => Promise<Map<number, number>>;
+    },
+  ) {}
+
+  private async respond(row: UserRow): Promise<UserResponse> {
+    return toUserResponse(row, (await this.deps.activeBots([row.id])).get(row.id) ?? 0);
+  }
 
   async create(input: CreateUserInput): Promise<UserResponse> {
     const { db, clock } = this.deps;
@@ -91,13 +92,14 @@ export class UsersService {
         email_lower: emailLower,
         name: input.name ?? null,
         max_concurrent_bots: input.max_concurrent_bots ?? DEFAULT_MAX_CONCURRENT_BOTS,
+        rate_limit_per_minute: input.rate_limit_per_minute ?? this.deps.defaultRateLimit,
         data,
         disabled_at: null,
         deleted_at: null,
         created_at: now,
         updated_at: now,
       });
-      return toUserResponse(row);
+      return toUserResponse(row, 0);
     } catch (err) {
       // Two admins creating the same email at once: the unique index decides, the loser gets 409.
       if (isUniqueViolation(err)) await this.refuseDuplicate(emailLower);
@@ -111,7 +113,7 @@ export class UsersService {
   }
 
   async get(id: number): Promise<UserResponse> {
-    return toUserResponse(await this.requireRow(id));
+    return this.respond(await this.requireRow(id));
   }
 
   /** For other features that act on a user (minting tokens): 404 if there is no such live user. */
@@ -124,11 +126,13 @@ export class UsersService {
   async getByEmail(email: string): Promise<UserResponse> {
     const row = await users.findUserByEmail(this.deps.db, email.toLowerCase());
     if (!row) throw notFound('User');
-    return toUserResponse(row);
+    return this.respond(row);
   }
 
   async list(page: PageRequest, emailContains?: string): Promise<Page<UserResponse>> {
-    return toPage(await users.listUsers(this.deps.db, page, emailContains), page, toUserResponse);
+    const rows = await users.listUsers(this.deps.db, page, emailContains);
+    const active = await this.deps.activeBots(rows.map((r) => r.id));
+    return toPage(rows, page, (row) => toUserResponse(row, active.get(row.id) ?? 0));
   }
 
   async update(id: number, input: UpdateUserInput): Promise<UserResponse> {
@@ -138,21 +142,26 @@ export class UsersService {
     const patch: UserUpdate = { updated_at: now };
     if (input.name !== undefined) patch.name = input.name;
     if (input.max_concurrent_bots !== undefined) patch.max_concurrent_bots = input.max_concurrent_bots;
+    if (input.rate_limit_per_minute !== undefined) patch.rate_limit_per_minute = input.rate_limit_per_minute;
     if (input.data !== undefined) patch.data = serializeData(input.data);
     // Disabling keeps the first time it happened; enabling clears it.
     if (input.disabled === true && current.disabled_at === null) patch.disabled_at = now;
     if (input.disabled === false) patch.disabled_at = null;
     const row = await users.updateUser(db, id, patch);
     if (!row) throw notFound('User');
-    return toUserResponse(row);
+    return this.respond(row);
   }
 
-  /** Deleting a user revokes every token in the same transaction: no window where they still work. */
+  /**
+   * Deleting a user revokes every token and releases every bot in the same transaction: no window
+   * where they still work or hold slots.
+   */
   async delete(id: number): Promise<void> {
     const now = isoNow(this.deps.clock);
     const deleted = await writeTransaction(this.deps.db, async (trx) => {
       if (!(await users.markUserDeleted(trx, id, now))) return false;
       await revokeAllTokensOfUser(trx, id, now);
+      await endLeasesOfUser(trx, id, now);
       return true;
     });
     if (!deleted) throw notFound('User');

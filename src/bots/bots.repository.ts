@@ -1,0 +1,136 @@
+import type { Db } from '../../db/database';
+import type { BotRow, BotStatus, NewBotRow } from '../../db/schema';
+import type { PageRequest } from '../http/pagination';
+
+// A lease is active while its row says 'active' and its expires_at is still ahead. Rows whose lease
+// ran out are marked 'expired' when their user next asks for a slot, and by the periodic sweep; every
+// query below applies the time itself, so nothing depends on the sweep having run.
+
+export async function insertBot(db: Db, row: NewBotRow): Promise<BotRow> {
+  return db.insertInto('bots').values(row).returningAll().executeTakeFirstOrThrow();
+}
+
+export async function findBot(db: Db, id: number): Promise<BotRow | undefined> {
+  return db.selectFrom('bots').selectAll().where('id', '=', id).executeTakeFirst();
+}
+
+/** Marks a user's run-out leases expired (as of when they ran out). */
+export async function expireLeasesOfUser(db: Db, userId: number, now: string): Promise<void> {
+  await db
+    .updateTable('bots')
+    .set((eb) => ({ status: 'expired', ended_at: eb.ref('expires_at'), ended_by: 'expiry' }))
+    .where('user_id', '=', userId)
+    .where('status', '=', 'active')
+    .where('expires_at', '<=', now)
+    .execute();
+}
+
+export interface ActiveLeases {
+  active: number;
+  /** When the first of them runs out, if any is active. */
+  earliestExpiry: string | null;
+}
+
+export async function activeLeasesOfUser(db: Db, userId: number, now: string): Promise<ActiveLeases> {
+  const row = await db
+    .selectFrom('bots')
+    .select((eb) => [eb.fn.countAll<number>().as('active'), eb.fn.min('expires_at').as('earliest')])
+    .where('user_id', '=', userId)
+    .where('status', '=', 'active')
+    .where('expires_at', '>', now)
+    .executeTakeFirstOrThrow();
+  return { active: Number(row.active), earliestExpiry: (row.earliest as string | null) ?? null };
+}
+
+/** Active lease counts of several users at once (user listings). */
+export async function activeCounts(db: Db, userIds: number[], now: string): Promise<Map<number, number>> {
+  if (userIds.length === 0) return new Map();
+  const rows = await db
+    .selectFrom('bots')
+    .select((eb) => ['user_id', eb.fn.countAll<number>().as('active')])
+    .where('user_id', 'in', userIds)
+    .where('status', '=', 'active')
+    .where('expires_at', '>', now)
+    .groupBy('user_id')
+    .execute();
+  return new Map(rows.map((r) => [r.user_id, Number(r.active)]));
+}
+
+export async function findActiveForMeeting(
+  db: Db,
+  userId: number,
+  platform: string | null,
+  nativeMeetingId: string,
+  now: string,
+): Promise<BotRow | undefined> {
+  let query = db
+    .selectFrom('bots')
+    .selectAll()
+    .where('user_id', '=', userId)
+    .where('native_meeting_id', '=', nativeMeetingId)
+    .where('status', '=', 'active')
+    .where('expires_at', '>', now);
+  query = platform === null ? query.where('platform', 'is', null) : query.where('platform', '=', platform);
+  return query.executeTakeFirst();
+}
+
+/** Extends an active lease; undefined when it is not (or no longer) active. */
+export async function extendLease(db: Db, id: number, userId: number | undefined, now: string, expiresAt: string, ttlSeconds: number): Promise<BotRow | undefined> {
+  let query = db
+    .updateTable('bots')
+    .set({ heartbeat_at: now, expires_at: expiresAt, ttl_seconds: ttlSeconds })
+    .where('id', '=', id)
+    .where('status', '=', 'active')
+    .where('expires_at', '>', now);
+  if (userId !== undefined) query = query.where('user_id', '=', userId);
+  return query.returningAll().executeTakeFirst();
+}
+
+/** Ends an active lease; false when it was not active. */
+export async function endLease(db: Db, id: number, now: string, by: 'user' | 'admin'): Promise<boolean> {
+  const result = await db
+    .updateTable('bots')
+    .set({ status: 'released', ended_at: now, ended_by: by })
+    .where('id', '=', id)
+    .where('status', '=', 'active')
+    .where('expires_at', '>', now)
+    .executeTakeFirst();
+  return result.numUpdatedRows > 0n;
+}
+
+/** Releases every active lease of a user (the user is being deleted). */
+export async function endLeasesOfUser(db: Db, userId: number, now: string): Promise<void> {
+  await db
+    .updateTable('bots')
+    .set({ status: 'released', ended_at: now, ended_by: 'admin' })
+    .where('user_id', '=', userId)
+    .where('status', '=', 'active')
+    .execute();
+}
+
+export interface BotFilter {
+  userId?: number;
+  status?: BotStatus;
+}
+
+export async function listBots(db: Db, filter: BotFilter, page: PageRequest, now: string): Promise<BotRow[]> {
+  let query = db.selectFrom('bots').selectAll().where('id', '>', page.afterId);
+  if (filter.userId !== undefined) query = query.where('user_id', '=', filter.userId);
+  if (filter.status === 'active') query = query.where('status', '=', 'active').where('expires_at', '>', now);
+  if (filter.status === 'released') query = query.where('status', '=', 'released');
+  if (filter.status === 'expired') {
+    query = query.where((eb) => eb.or([eb('status', '=', 'expired'), eb.and([eb('status', '=', 'active'), eb('expires_at', '<=', now)])]));
+  }
+  return query.orderBy('id').limit(page.limit + 1).execute();
+}
+
+/** The periodic sweep: mark run-out leases, delete finished ones older than the retention. */
+export async function sweepBots(db: Db, now: string, finishedBefore: string): Promise<void> {
+  await db
+    .updateTable('bots')
+    .set((eb) => ({ status: 'expired', ended_at: eb.ref('expires_at'), ended_by: 'expiry' }))
+    .where('status', '=', 'active')
+    .where('expires_at', '<=', now)
+    .execute();
+  await db.deleteFrom('bots').where('status', '!=', 'active').where('ended_at', '<', finishedBefore).execute();
+}
