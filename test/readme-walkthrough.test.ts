@@ -30,8 +30,9 @@ function markedBlock(name: string): string {
   return match[1]!;
 }
 
-// Printed between the two blocks, so each block's output is checked on its own.
+// Printed between the blocks, so each block's output is checked on its own.
 const BETWEEN = '--- end of walkthrough ---';
+const BEFORE_BOTS = '--- end of token lifecycle ---';
 
 /**
  * Splits what the walkthrough prints (curl writes JSON bodies without a trailing newline, so they run
@@ -85,10 +86,11 @@ afterAll(() => {
 });
 
 describe('README', () => {
-  test('the walkthrough and then the token lifecycle examples run as written, in one shell', async () => {
+  test('the walkthrough, then the token lifecycle and the bots examples, run as written in one shell', async () => {
     assertBuilt();
     const block = markedBlock('walkthrough');
     const lifecycle = markedBlock('lifecycle');
+    const bots = markedBlock('bots');
     expect(block).toContain('localhost:8056');
     expect(lifecycle).toContain('localhost:8056');
 
@@ -106,11 +108,12 @@ describe('README', () => {
       cwd: dir,
     });
 
-    const script = [block, `echo '${BETWEEN}'`, lifecycle].join('\n').split('localhost:8056').join(`127.0.0.1:${server.port}`);
+    const script = [block, `echo '${BETWEEN}'`, lifecycle, `echo '${BEFORE_BOTS}'`, bots].join('\n').split('localhost:8056').join(`127.0.0.1:${server.port}`);
     const run = await runBash(script, { cwd: dir, flags: ['-euo', 'pipefail'] });
     expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: '' });
-    const [walkthroughOut, lifecycleOut] = run.stdout.split(BETWEEN) as [string, string];
-    expect(lifecycleOut).toBeDefined();
+    const [walkthroughOut, rest] = run.stdout.split(BETWEEN) as [string, string];
+    const [lifecycleOut, botsOut] = rest.split(BEFORE_BOTS) as [string, string];
+    expect(botsOut).toBeDefined();
 
     const parts = splitOutput(walkthroughOut);
     const find = (from: number, what: string, pred: (p: { raw: string; json?: any }) => boolean): number => {
@@ -173,6 +176,16 @@ describe('README', () => {
     expect(patched).toMatchObject({ id: 3, name: 'old laptop', scopes: ['bots:read'], rotated_to: rotatedMe.token.id, status: 'active' });
     expect(patched.expires_at).not.toBeNull();
     expect(testKeys.data.map((t: { id: number }) => t.id)).toEqual([2]);
+
+    // The bots block: heartbeat, listing, the refusal at the limit, the release.
+    const botParts = splitOutput(botsOut);
+    expect(botParts.map((p) => p.json === undefined ? p.raw : 'json')).toEqual(['json', 'json', 'json', '204']);
+    const [renewed, running, refusal] = botParts.map((p) => p.json);
+    expect(renewed).toMatchObject({ platform: 'google_meet', native_meeting_id: 'abc-defg-hij', status: 'active', ttl_seconds: 120, user_id: 1 });
+    expect(running.data.map((b: { id: number }) => b.id)).toEqual([renewed.id]);
+    expect(running.concurrency).toEqual({ limit: 5, active: 1 });
+    expect(refusal.error).toMatchObject({ code: 'CONCURRENCY_LIMIT_EXCEEDED', details: { limit: 1, active: 1 } });
+    expect(server.logs).not.toMatch(/kw_live_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}/);
   });
 
   test('the quick start\'s test command is `npm test`, and npm test runs jest', () => {
