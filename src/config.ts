@@ -174,7 +174,7 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'Active tokens a user may hold at once, admin mints included; tokens being rotated out do not count.' },
   { name: 'RATE_LIMIT_PER_MINUTE', key: 'rateLimitPerMinute', default: '600', parse: integer(0, 1_000_000),
     doc: 'Default /v1 requests a minute for new users (each user can have their own; 0 blocks).' },
-  { name: 'AUTH_FAILURES_PER_MINUTE', key: 'authFailuresPerMinute', default: '20', parse: integer(1, 100_000),
+  { name: 'AUTH_FAILURES_PER_MINUTE', key: 'authFailuresPerMinute', default: '20', parse: integer(1, 10_000_000),
     doc: 'Wrong API or admin keys a client address may send a minute; past it, its unknown keys get 429 without any lookup.' },
   { name: 'ADMIN_RATE_LIMIT_PER_MINUTE', key: 'adminRateLimitPerMinute', default: '1200', parse: integer(1, 1_000_000),
     doc: 'Admin API requests a minute per client address.' },
