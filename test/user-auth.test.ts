@@ -148,6 +148,17 @@ describe('refusing requests without a usable key', () => {
 });
 
 describe('verification cost and state', () => {
+  test('a key respelt in the other environment (checksum recomputed) is not that key, before or after the real one is cached', async () => {
+    const { minted } = await setup();
+    const body = minted.token.slice(0, -6).replace(/^kw_live_/, 'kw_test_');
+    const respelt = body + checksum(body);
+    expectError(await request(ctx.app).get('/v1/me').set('X-API-Key', respelt), 401, 'INVALID_API_KEY');
+    expect((await request(ctx.app).get('/v1/me').set('X-API-Key', minted.token)).body.token.environment).toBe('live');
+    expectError(await request(ctx.app).get('/v1/me').set('X-API-Key', respelt), 401, 'INVALID_API_KEY');
+    expect(ctx.app.verifier.knows(minted.token)).toBe(true);
+    expect(ctx.app.verifier.knows(respelt)).toBe(false);
+  });
+
   test('runs bcrypt on the first request only, and revoking makes the next request fail', async () => {
     const { minted } = await setup();
     for (let i = 0; i < 5; i++) expect((await request(ctx.app).get('/v1/me').set('X-API-Key', minted.token)).status).toBe(200);

@@ -74,7 +74,9 @@ export class TokenVerifier {
     const parsed = parseToken(presented, this.deps.tokenPrefix);
     if (!parsed) throw malformed();
     const row = await findCredentialBySelector(this.deps.db, parsed.selector);
-    if (!row) throw invalid();
+    // The environment is part of the token: a live key respelt as kw_test_… (checksum recomputed) is
+    // not that key, and must not pass for a test key or take the real spelling's place in the cache.
+    if (!row || row.environment !== parsed.environment) throw invalid();
 
     const digest = sha256(presented);
     const known = this.verified.get(row.token_id);
@@ -135,16 +137,30 @@ export class TokenVerifier {
         'Retry-After': String(retryAfter),
       });
     }
+    // Counted before bcrypt and given back if the secret is right: a burst of wrong secrets sent at
+    // once cannot all pass the check above before any of them has failed.
+    this.failures.set(selector, failed + 1);
     let pending = this.inflight.get(key);
     if (!pending) {
       this.stats.bcryptChecks++;
       pending = this.deps.hasher.verify(secret, hash).finally(() => this.inflight.delete(key));
       this.inflight.set(key, pending);
     }
-    if (!(await pending)) {
+    let matches = false;
+    try {
+      matches = await pending;
+    } finally {
+      if (matches) this.forgiveFailure(selector);
+    }
+    if (!matches) {
       this.refused.set(key, true);
-      this.failures.set(selector, (this.failures.get(selector) ?? 0) + 1);
       throw invalid();
     }
+  }
+
+  private forgiveFailure(selector: string): void {
+    const failed = this.failures.get(selector) ?? 0;
+    if (failed > 1) this.failures.set(selector, failed - 1);
+    else this.failures.delete(selector);
   }
 }

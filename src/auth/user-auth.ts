@@ -28,26 +28,35 @@ function presentedKey(req: Request): string {
 /** The caller's address as TRUST_PROXY allows it to be known. */
 export const clientIpOf = (req: Request): string => req.ip ?? req.socket.remoteAddress ?? '';
 
+/** Outcomes that mean the caller does not hold a valid key: they count against its address. */
+const WRONG_KEY = new Set(['INVALID_API_KEY', 'RATE_LIMITED']);
+
 /**
- * The one auth path for /v1: anything it does not understand is a refusal. In order: an address that
- * sent too many wrong keys gets 429 unless its key is one this process already verified (no lookup,
- * no bcrypt for anything else); the key is verified; the user's rate limit is counted; then the
- * operation's scope (openapi.yaml's x-required-scope), so nobody learns what a route needs without a
- * valid key.
+ * The one auth path for /v1: anything it does not understand is a refusal. In order: a key this
+ * process has not verified before counts as a wrong key of its address until it proves good, and an
+ * address over its limit gets 429 before any lookup or bcrypt (a key already verified passes); the key
+ * is verified; the user's rate limit is counted; then the operation's scope (openapi.yaml's
+ * x-required-scope), so nobody learns what a route needs without a valid key.
  */
 export function requireUser(verifier: TokenVerifier, limits: RateLimits): Guard {
   return async (req, res, op) => {
     const ip = clientIpOf(req);
     const key = presentedKey(req);
-    const blocked = await limits.blocked(ip);
-    if (blocked && !verifier.knows(key)) throw blocked;
+    const known = verifier.knows(key);
+    if (!known) {
+      const refused = await limits.reserveAttempt(ip);
+      if (refused) throw refused;
+    }
     let auth: AuthContext;
     try {
       auth = await verifier.verify(key, ip);
     } catch (err) {
-      if (err instanceof AppError && err.code === 'INVALID_API_KEY') await limits.authFailed(ip);
+      const wrongKey = err instanceof AppError && WRONG_KEY.has(err.code);
+      if (!known && !wrongKey) await limits.attemptSucceeded(ip);
+      if (known && wrongKey) await limits.authFailed(ip);
       throw err;
     }
+    if (!known) await limits.attemptSucceeded(ip);
     res.locals.auth = auth;
     await limits.userRequest(auth.user.id, auth.user.rateLimitPerMinute, res);
     if (op.requiredScope !== null && !auth.token.scopes.includes(op.requiredScope)) throw insufficientScope([op.requiredScope]);

@@ -70,6 +70,24 @@ export class RateLimits {
   }
 
   /**
+   * Counts a key this process does not know as a wrong one before it is checked, and refuses it if
+   * the address is over its limit: requests sent at once cannot all pass a check that only counts the
+   * ones already answered. `attemptSucceeded` gives the count back when the key proves good.
+   */
+  async reserveAttempt(ip: string): Promise<AppError | undefined> {
+    const res = await this.failures.consume(clientNetwork(ip));
+    if (res.consumedPoints <= this.config.authFailuresPerMinute) return undefined;
+    return rateLimited('Too many wrong keys from this address; try again later.', {
+      consumed: res.consumedPoints,
+      resetSeconds: seconds(res.msBeforeNext),
+    });
+  }
+
+  async attemptSucceeded(ip: string): Promise<void> {
+    await this.failures.reward(clientNetwork(ip));
+  }
+
+  /**
    * Whether an address has sent too many wrong keys this minute. The caller decides what a blocked
    * address may still do (a key this process already knows), and refuses the rest with this error.
    */
