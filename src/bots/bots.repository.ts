@@ -98,13 +98,18 @@ export async function endLease(db: Db, id: number, now: string, by: 'user' | 'ad
   return result.numUpdatedRows > 0n;
 }
 
-/** Releases every active lease of a user (the user is being deleted). */
+/**
+ * Releases every active lease of a user (the user is being deleted). Leases that already ran out are
+ * marked expired first, so their history says how they really ended.
+ */
 export async function endLeasesOfUser(db: Db, userId: number, now: string): Promise<void> {
+  await expireLeasesOfUser(db, userId, now);
   await db
     .updateTable('bots')
     .set({ status: 'released', ended_at: now, ended_by: 'admin' })
     .where('user_id', '=', userId)
     .where('status', '=', 'active')
+    .where('expires_at', '>', now)
     .execute();
 }
 

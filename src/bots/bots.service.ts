@@ -92,6 +92,12 @@ export class BotsService {
         const now = clock.now();
         const nowIso = now.toISOString();
         await bots.expireLeasesOfUser(trx, userId, nowIso);
+        // The meeting first: a runner asking again for a meeting it already has needs to hear 409 and
+        // the bot's id, not a 429 it would retry for as long as that bot runs.
+        if (input.native_meeting_id !== undefined) {
+          const existing = await bots.findActiveForMeeting(trx, userId, input.platform ?? null, input.native_meeting_id, nowIso);
+          if (existing) throw meetingTaken(existing.id);
+        }
         // The limit is read inside the transaction: an admin lowering it is seen at once.
         const limit = (await trx.selectFrom('users').select('max_concurrent_bots').where('id', '=', userId).executeTakeFirst())?.max_concurrent_bots ?? 0;
         const { active, earliestExpiry } = await bots.activeLeasesOfUser(trx, userId, nowIso);
@@ -115,10 +121,10 @@ export class BotsService {
       return toBotResponse(row, row.created_at);
     } catch (err) {
       if (!isUniqueViolation(err) || input.native_meeting_id === undefined) throw err;
+      // The unique index is the backstop (the check above runs in the same transaction, so this
+      // should not happen); the answer is the same.
       const existing = await bots.findActiveForMeeting(db, userId, input.platform ?? null, input.native_meeting_id, this.now());
-      throw conflict('A bot is already active for this meeting; release it or wait for its lease to end.', {
-        existing_id: existing?.id ?? null,
-      });
+      throw meetingTaken(existing?.id ?? null);
     }
   }
 
@@ -185,6 +191,9 @@ export class BotsService {
     this.timer = undefined;
   }
 }
+
+const meetingTaken = (existingId: number | null) =>
+  conflict('A bot is already active for this meeting; release it or wait for its lease to end.', { existing_id: existingId });
 
 /**
  * Always 429, whatever the timing: the caller may retry once a slot frees up, which is at the latest
