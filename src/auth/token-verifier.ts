@@ -69,6 +69,11 @@ export class TokenVerifier {
     return parseToken(presented, this.deps.tokenPrefix) !== null && this.verified.has(sha256(presented));
   }
 
+  /** Whether a bcrypt check of this exact token is running: a request with it will share that check. */
+  checking(presented: string): boolean {
+    return this.inflight.has(sha256(presented).toString('hex'));
+  }
+
   /** `clientIp` is the caller's address as TRUST_PROXY allows it to be known (Express's req.ip). */
   async verify(presented: string, clientIp: string): Promise<AuthContext> {
     const parsed = parseToken(presented, this.deps.tokenPrefix);
@@ -129,19 +134,22 @@ export class TokenVerifier {
   private async checkSecret(selector: string, secret: string, hash: string, digest: Buffer): Promise<void> {
     const key = digest.toString('hex');
     if (this.refused.has(key)) throw invalid();
-    const failed = this.failures.get(selector) ?? 0;
-    if (failed >= MAX_FAILED_CHECKS) {
-      // Someone is guessing secrets for this selector: refuse before spending CPU on bcrypt.
-      const retryAfter = Math.max(1, Math.ceil(this.failures.getRemainingTTL(selector) / 1000));
-      throw new AppError(429, 'RATE_LIMITED', 'Too many failed attempts with this API key; try again later.', { retry_after: retryAfter }, {
-        'Retry-After': String(retryAfter),
-      });
-    }
-    // Counted before bcrypt and given back if the secret is right: a burst of wrong secrets sent at
-    // once cannot all pass the check above before any of them has failed.
-    this.failures.set(selector, failed + 1);
     let pending = this.inflight.get(key);
+    let counted = false;
     if (!pending) {
+      const failed = this.failures.get(selector) ?? 0;
+      if (failed >= MAX_FAILED_CHECKS) {
+        // Someone is guessing secrets for this selector: refuse before spending CPU on bcrypt.
+        const retryAfter = Math.max(1, Math.ceil(this.failures.getRemainingTTL(selector) / 1000));
+        throw new AppError(429, 'RATE_LIMITED', 'Too many failed attempts with this API key; try again later.', { retry_after: retryAfter }, {
+          'Retry-After': String(retryAfter),
+        });
+      }
+      // Counted before bcrypt and given back if the secret is right: a burst of different wrong
+      // secrets sent at once cannot all pass the check above before any of them has failed. Requests
+      // with the very same token share this one check and are not counted again.
+      this.failures.set(selector, failed + 1);
+      counted = true;
       this.stats.bcryptChecks++;
       pending = this.deps.hasher.verify(secret, hash).finally(() => this.inflight.delete(key));
       this.inflight.set(key, pending);
@@ -150,7 +158,7 @@ export class TokenVerifier {
     try {
       matches = await pending;
     } finally {
-      if (matches) this.forgiveFailure(selector);
+      if (matches && counted) this.forgiveFailure(selector);
     }
     if (!matches) {
       this.refused.set(key, true);

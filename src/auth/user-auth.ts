@@ -42,7 +42,8 @@ export function requireUser(verifier: TokenVerifier, limits: RateLimits): Guard 
   return async (req, res, op) => {
     const ip = clientIpOf(req);
     const key = presentedKey(req);
-    const known = verifier.knows(key);
+    // Known: verified before, or being verified right now by a request this one will simply join.
+    const known = verifier.knows(key) || verifier.checking(key);
     if (!known) {
       const refused = await limits.reserveAttempt(ip);
       if (refused) throw refused;

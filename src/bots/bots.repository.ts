@@ -25,21 +25,30 @@ export async function expireLeasesOfUser(db: Db, userId: number, now: string): P
     .execute();
 }
 
-export interface ActiveLeases {
-  active: number;
-  /** When the first of them runs out, if any is active. */
-  earliestExpiry: string | null;
-}
-
-export async function activeLeasesOfUser(db: Db, userId: number, now: string): Promise<ActiveLeases> {
+export async function countActiveLeases(db: Db, userId: number, now: string): Promise<number> {
   const row = await db
     .selectFrom('bots')
-    .select((eb) => [eb.fn.countAll<number>().as('active'), eb.fn.min('expires_at').as('earliest')])
+    .select((eb) => eb.fn.countAll<number>().as('active'))
     .where('user_id', '=', userId)
     .where('status', '=', 'active')
     .where('expires_at', '>', now)
     .executeTakeFirstOrThrow();
-  return { active: Number(row.active), earliestExpiry: (row.earliest as string | null) ?? null };
+  return Number(row.active);
+}
+
+/** When the (n+1)-th earliest of a user's active leases runs out (n = 0: the first), if there is one. */
+export async function nthLeaseExpiry(db: Db, userId: number, now: string, n: number): Promise<string | null> {
+  const row = await db
+    .selectFrom('bots')
+    .select('expires_at')
+    .where('user_id', '=', userId)
+    .where('status', '=', 'active')
+    .where('expires_at', '>', now)
+    .orderBy('expires_at')
+    .limit(1)
+    .offset(n)
+    .executeTakeFirst();
+  return row?.expires_at ?? null;
 }
 
 /** Active lease counts of several users at once (user listings). */

@@ -100,8 +100,12 @@ export class BotsService {
         }
         // The limit is read inside the transaction: an admin lowering it is seen at once.
         const limit = (await trx.selectFrom('users').select('max_concurrent_bots').where('id', '=', userId).executeTakeFirst())?.max_concurrent_bots ?? 0;
-        const { active, earliestExpiry } = await bots.activeLeasesOfUser(trx, userId, nowIso);
-        if (active >= limit) throw limitExceeded(limit, active, earliestExpiry, now);
+        const active = await bots.countActiveLeases(trx, userId, nowIso);
+        if (active >= limit) {
+          // A slot frees up when enough leases have ended to bring the count below the limit.
+          const freesAt = limit === 0 ? null : await bots.nthLeaseExpiry(trx, userId, nowIso, active - limit);
+          throw limitExceeded(limit, active, freesAt, now);
+        }
         return bots.insertBot(trx, {
           user_id: userId,
           token_id: tokenId,
@@ -157,8 +161,7 @@ export class BotsService {
   }
 
   async concurrency(user: { id: number; maxConcurrentBots: number }): Promise<Concurrency> {
-    const { active } = await bots.activeLeasesOfUser(this.deps.db, user.id, this.now());
-    return { limit: user.maxConcurrentBots, active };
+    return { limit: user.maxConcurrentBots, active: await bots.countActiveLeases(this.deps.db, user.id, this.now()) };
   }
 
   async activeCounts(userIds: number[]): Promise<Map<number, number>> {
@@ -197,11 +200,12 @@ const meetingTaken = (existingId: number | null) =>
 
 /**
  * Always 429, whatever the timing: the caller may retry once a slot frees up, which is at the latest
- * when the earliest active lease runs out (Retry-After). With no active lease (a limit of 0) there is
- * nothing to wait for; Retry-After then says a minute and the message says why.
+ * when enough active leases have run out (Retry-After; the earliest one when the user is exactly at
+ * the limit). With a limit of 0 no slot ever frees up; Retry-After then says a minute and the message
+ * says why.
  */
-function limitExceeded(limit: number, active: number, earliestExpiry: string | null, now: Date): AppError {
-  const retryAfter = earliestExpiry === null ? 60 : Math.max(1, Math.ceil((Date.parse(earliestExpiry) - now.getTime()) / 1000));
+function limitExceeded(limit: number, active: number, freesAt: string | null, now: Date): AppError {
+  const retryAfter = freesAt === null ? 60 : Math.max(1, Math.ceil((Date.parse(freesAt) - now.getTime()) / 1000));
   const message =
     limit === 0
       ? 'This user may not run bots (max_concurrent_bots is 0); ask the admin to raise the limit.'
