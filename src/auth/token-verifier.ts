@@ -8,8 +8,15 @@ import type { SecretHasher } from '../tokens/secret-hasher';
 import { parseScopes } from '../tokens/scopes';
 import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 import type { LastUseRecorder } from '../tokens/last-use';
-import { type Environment, maskToken, parseToken } from '../tokens/token-format';
+import { type Environment, maskToken, type ParsedToken, parseToken } from '../tokens/token-format';
 import { findCredentialBySelector } from '../tokens/tokens.repository';
+
+/** A key as sent, parsed and hashed once per request. `parsed` is null for anything malformed. */
+export interface PresentedKey {
+  text: string;
+  parsed: ParsedToken | null;
+  digest: Buffer | undefined;
+}
 
 export interface AuthContext {
   user: { id: number; email: string; name: string | null; maxConcurrentBots: number; rateLimitPerMinute: number };
@@ -61,29 +68,31 @@ export class TokenVerifier {
     this.verified = new DigestCache(deps.cacheSize);
   }
 
-  /**
-   * Whether this exact token was verified by this process and is still remembered: pure memory, no
-   * lookup and no bcrypt. An address blocked for wrong keys may still use such a key.
-   */
-  knows(presented: string): boolean {
-    return parseToken(presented, this.deps.tokenPrefix) !== null && this.verified.has(sha256(presented));
+  /** Parses and hashes a key once, for `knows` and `verify` to share. */
+  present(text: string): PresentedKey {
+    const parsed = parseToken(text, this.deps.tokenPrefix);
+    return { text, parsed, digest: parsed ? sha256(text) : undefined };
   }
 
-  /** Whether a bcrypt check of this exact token is running: a request with it will share that check. */
-  checking(presented: string): boolean {
-    return this.inflight.has(sha256(presented).toString('hex'));
+  /**
+   * Whether this process has verified this exact token and still remembers it, or is verifying it
+   * right now (a request with it will share that check): pure memory, no lookup and no bcrypt. An
+   * address blocked for wrong keys may still use such a key.
+   */
+  knows(key: PresentedKey | string): boolean {
+    const { digest } = typeof key === 'string' ? this.present(key) : key;
+    return digest !== undefined && (this.verified.has(digest) || this.inflight.has(digest.toString('hex')));
   }
 
   /** `clientIp` is the caller's address as TRUST_PROXY allows it to be known (Express's req.ip). */
-  async verify(presented: string, clientIp: string): Promise<AuthContext> {
-    const parsed = parseToken(presented, this.deps.tokenPrefix);
-    if (!parsed) throw malformed();
+  async verify(key: PresentedKey, clientIp: string): Promise<AuthContext> {
+    const { parsed, digest } = key;
+    if (!parsed || !digest) throw malformed();
     const row = await findCredentialBySelector(this.deps.db, parsed.selector);
     // The environment is part of the token: a live key respelt as kw_test_… (checksum recomputed) is
     // not that key, and must not pass for a test key or take the real spelling's place in the cache.
     if (!row || row.environment !== parsed.environment) throw invalid();
 
-    const digest = sha256(presented);
     const known = this.verified.get(row.token_id);
     if (known && timingSafeEqual(known, digest)) {
       this.stats.cacheHits++;

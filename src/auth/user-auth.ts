@@ -41,9 +41,8 @@ const WRONG_KEY = new Set(['INVALID_API_KEY', 'RATE_LIMITED']);
 export function requireUser(verifier: TokenVerifier, limits: RateLimits): Guard {
   return async (req, res, op) => {
     const ip = clientIpOf(req);
-    const key = presentedKey(req);
-    // Known: verified before, or being verified right now by a request this one will simply join.
-    const known = verifier.knows(key) || verifier.checking(key);
+    const key = verifier.present(presentedKey(req));
+    const known = verifier.knows(key);
     if (!known) {
       const refused = await limits.reserveAttempt(ip);
       if (refused) throw refused;
