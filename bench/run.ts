@@ -273,6 +273,7 @@ async function main(): Promise<void> {
     { key: 'unknownSelector', run: () => load(`${small.base}/v1/me`, { headers: { 'x-api-key': unknownSelector } }) },
     { key: 'large', run: () => load(`${large.base}/v1/me`, { headers: { 'x-api-key': bigTokens[0]! } }) },
     { key: 'botPair', run: () => botPairs(small.base, warmToken, 10) },
+    { key: 'forwardAuth', run: () => load(`${small.base}/auth/verify?scope=bots:read`, { headers: { 'x-api-key': warmToken } }) },
   ];
   const samples: Record<string, Load[]> = {};
   for (let round = 1; round <= P.rounds; round++) {
@@ -329,6 +330,8 @@ async function main(): Promise<void> {
   add('GET /v1/me, warm token', warmS);
   add(`GET /v1/me, ${P.many.toLocaleString('en')} distinct warm tokens`, summary('many'));
   add('GET /v1/me, warm token with a 10-entry IP allowlist', summary('allowlist'));
+  const forwardS = summary('forwardAuth');
+  add('GET /auth/verify?scope=bots:read (forward auth), warm token', forwardS);
   add('bad checksum (401)', summary('badChecksum'));
   add('unknown selector (401)', summary('unknownSelector'));
   add('cold verification: first request, one at a time', { rps: NaN, p50: median(coldLatencies), p99: Math.max(...coldLatencies) }, `warm request one at a time: ${median(warmLatencies).toFixed(2)} ms`);
@@ -349,6 +352,8 @@ async function main(): Promise<void> {
   const targets = [
     { what: 'warm GET /v1/me throughput ≥ 0.85× baseline', value: ratio(warmS.rps, base.rps), ok: (v: number) => v >= 0.85, unit: '×' },
     { what: 'warm GET /v1/me p99 ≤ 1.3× baseline p99', value: ratio(warmS.p99, base.p99), ok: (v: number) => v <= 1.3, unit: '×' },
+    { what: 'forward auth throughput ≥ 0.85× baseline', value: ratio(forwardS.rps, base.rps), ok: (v: number) => v >= 0.85, unit: '×' },
+    { what: 'forward auth p99 ≤ 1.3× baseline p99', value: ratio(forwardS.p99, base.p99), ok: (v: number) => v <= 1.3, unit: '×' },
     { what: `${P.bigTokens.toLocaleString('en')} tokens within 5% of the small database`, value: ratio(largeS.rps, warmS.rps), ok: (v: number) => v >= 0.95, unit: '×' },
     { what: 'warm p99 during cold verifications ≤ 2× warm p99', value: ratio(warmDuringCold.p99, warmS.p99), ok: (v: number) => v <= 2, unit: '×' },
     { what: 'warm p99 during minting ≤ 2× warm p99', value: ratio(warmDuringMint.p99, warmS.p99), ok: (v: number) => v <= 2, unit: '×' },
@@ -372,7 +377,7 @@ async function main(): Promise<void> {
     '| --- | ---: | --- |',
     ...targets.map((t) => `| ${t.what} | ${fmt(t.value, 2)}${t.unit} | ${t.ok(t.value) ? 'met' : '**missed**'} |`),
     '',
-    `Errors: ${Object.entries(samples).map(([k, xs]) => `${k} ${xs.reduce((a, x) => a + x.errors, 0)}`).join(', ')}; non-2xx where 2xx expected: warm ${warmS.non2xx}, bots ${botS.non2xx}, allowlist ${summary('allowlist').non2xx}, large ${largeS.non2xx}, many ${summary('many').non2xx}, distinct-token run ${memoryRun.non2xx}.`,
+    `Errors: ${Object.entries(samples).map(([k, xs]) => `${k} ${xs.reduce((a, x) => a + x.errors, 0)}`).join(', ')}; non-2xx where 2xx expected: warm ${warmS.non2xx}, forward auth ${forwardS.non2xx}, bots ${botS.non2xx}, allowlist ${summary('allowlist').non2xx}, large ${largeS.non2xx}, many ${summary('many').non2xx}, distinct-token run ${memoryRun.non2xx}.`,
     `Run took ${((Date.now() - started) / 1000).toFixed(0)} s.`,
   ];
   const markdown = lines.join('\n') + '\n';
@@ -384,7 +389,7 @@ async function main(): Promise<void> {
 
   for (const c of children) c.kill('SIGTERM');
   rmSync(dir, { recursive: true, force: true });
-  const sanity = warmS.non2xx + summary('botPair').non2xx + summary('allowlist').non2xx + largeS.non2xx + summary('many').non2xx + memoryRun.non2xx;
+  const sanity = warmS.non2xx + summary('forwardAuth').non2xx + summary('botPair').non2xx + summary('allowlist').non2xx + largeS.non2xx + summary('many').non2xx + memoryRun.non2xx;
   if (sanity > 0) {
     log(`FAILED: ${sanity} non-2xx answers where every request should have succeeded`);
     process.exit(1);

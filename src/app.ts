@@ -14,6 +14,7 @@ import { requestContext } from './http/request-context';
 import { securityHeaders } from './http/security-headers';
 import { adminBotsHandlers, botsHandlers } from './bots/bots.routes';
 import { BotsService } from './bots/bots.service';
+import { forwardAuthHandlers } from './forward-auth/forward-auth.routes';
 import { createLogger, type Logger } from './logger';
 import { meHandlers } from './me/me.routes';
 import { listOperations, loadSpec } from './openapi/spec';
@@ -100,6 +101,7 @@ export function createApp(deps: AppDeps): KeywardApp {
       ...botsHandlers(bots),
       ...adminBotsHandlers(bots, users),
       ...meHandlers(),
+      ...forwardAuthHandlers(),
     },
     { admin: requireAdmin(config.adminKeyDigest, limits), user: requireUser(verifier, limits) },
   );

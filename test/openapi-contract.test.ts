@@ -188,7 +188,18 @@ describe('responses match the documented schemas', () => {
     expectDocumented('forceReleaseBot', await request(ctx.app).delete('/admin/bots/999999').set(admin));
   });
 
-  // Runs after the two above (jest keeps a file's order): a new operation must join them.
+  test('for forward auth, on success and on error', async () => {
+    const user = await createUser(ctx);
+    const key = await mintToken(ctx, user.id, { scopes: ['bots:read'] });
+    const good = await request(ctx.app).get('/auth/verify?scope=bots:read').set('X-API-Key', key.token);
+    expectDocumented('verifyKey', good);
+    expect(good.headers['x-keyward-user-id']).toBe(String(user.id));
+    expectDocumented('verifyKey', await request(ctx.app).get('/auth/verify?scope=bots:write').set('X-API-Key', key.token));
+    expectDocumented('verifyKey', await request(ctx.app).get('/auth/verify?scope=,').set('X-API-Key', key.token));
+    expectDocumented('verifyKey', await request(ctx.app).get('/auth/verify'));
+  });
+
+  // Runs after the ones above (jest keeps a file's order): a new operation must join them.
   test('every operation in the document was checked above', () => {
     expect(operations.map((o) => o.operationId).filter((id) => !checked.has(id))).toEqual([]);
   });

@@ -1,0 +1,37 @@
+import { authOf } from '../auth/user-auth';
+import { validationError } from '../http/errors';
+import type { Handler } from '../http/operations';
+import { input } from '../http/operations';
+import { insufficientScope } from '../tokens/scopes';
+
+/** `?scope=a,b` (commas or spaces): every one must be held. */
+function requiredScopes(raw: unknown): string[] {
+  if (raw === undefined) return [];
+  const scopes = String(raw)
+    .split(/[\s,]+/)
+    .filter((s) => s !== '');
+  if (scopes.length === 0) throw validationError([{ field: 'scope', in: 'query', message: 'must name at least one scope' }]);
+  return [...new Set(scopes)];
+}
+
+/**
+ * Forward auth for gateways (nginx auth_request, Traefik forwardAuth, Caddy forward_auth): the user
+ * guard has already done everything /v1 does (key, expiry, revocation, allowlist against the forwarded
+ * address, rate limit); this adds the scopes the gateway asks for and says who the caller is in
+ * headers the gateway copies to the upstream.
+ */
+export function forwardAuthHandlers(): Record<string, Handler> {
+  return {
+    verifyKey: (_req, res) => {
+      const { user, token } = authOf(res);
+      const missing = requiredScopes(input(res).query.scope).filter((s) => !token.scopes.includes(s));
+      if (missing.length > 0) throw insufficientScope(missing);
+      res.setHeader('X-Keyward-User-Id', String(user.id));
+      res.setHeader('X-Keyward-User-Email', user.email);
+      res.setHeader('X-Keyward-Token-Id', String(token.id));
+      res.setHeader('X-Keyward-Scopes', token.scopes.join(' '));
+      res.setHeader('X-Keyward-Environment', token.environment);
+      res.json({ user_id: user.id, email: user.email, token_id: token.id, scopes: token.scopes, environment: token.environment });
+    },
+  };
+}

@@ -1,0 +1,217 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
+import { createServer as createNetServer } from 'node:net';
+import { join } from 'node:path';
+import { REPO_ROOT, assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
+
+/**
+ * docs/forward-auth.md's nginx configuration, as written (only the ports change), with real nginx in
+ * front of a real keyward server and a small upstream that reports what reached it.
+ */
+
+const NGINX = '/usr/sbin/nginx';
+const DOC = readFileSync(join(REPO_ROOT, 'docs', 'forward-auth.md'), 'utf8');
+const ADMIN_KEY = randomBytes(32).toString('hex');
+
+function docBlock(name: string): string {
+  const start = DOC.indexOf(`<!-- ${name}:start -->`);
+  const end = DOC.indexOf(`<!-- ${name}:end -->`);
+  const match = /```nginx\n([\s\S]*?)\n```/.exec(DOC.slice(start, end));
+  if (start < 0 || end < start || !match) throw new Error(`docs/forward-auth.md has no nginx block between ${name} markers`);
+  return match[1]!;
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createNetServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+let keyward: ServerProcess;
+let upstream: Server;
+let nginx: ChildProcess;
+let nginxLog = '';
+let proxyBase: string;
+/** What the upstream received, newest last. */
+const reached: Array<{ url: string; headers: IncomingHttpHeaders }> = [];
+
+async function waitFor(url: string): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    try {
+      await fetch(url);
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  throw new Error(`${url} never answered; nginx said:\n${nginxLog}`);
+}
+
+async function adminCall(method: string, path: string, body?: unknown) {
+  const res = await fetch(keyward.baseUrl + path, {
+    method,
+    headers: { 'X-Admin-API-Key': ADMIN_KEY, 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${await res.text()}`);
+  return res.status === 204 ? undefined : ((await res.json()) as Record<string, any>);
+}
+
+beforeAll(async () => {
+  assertBuilt();
+  if (!existsSync(NGINX)) throw new Error(`${NGINX} is missing: apt-get install -y nginx-light (.ci/run does this)`);
+  const dir = makeTempDir('nginx');
+  keyward = await startServer({
+    env: {
+      ADMIN_API_TOKEN: ADMIN_KEY,
+      DATABASE_PATH: join(dir, 'keyward.db'),
+      BCRYPT_ROUNDS: '4',
+      PORT: '0',
+      HOST: '127.0.0.1',
+      // nginx connects from loopback and sends the client's address in X-Forwarded-For.
+      TRUST_PROXY: 'loopback',
+    },
+  });
+
+  upstream = createServer((req, res) => {
+    reached.push({ url: req.url ?? '', headers: req.headers });
+    res.setHeader('Content-Type', 'application/json');
+    res.end(JSON.stringify({ upstream: true }));
+  });
+  await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+  const upstreamPort = (upstream.address() as { port: number }).port;
+  const nginxPort = await freePort();
+
+  const site = docBlock('nginx')
+    .replace('listen 8080;', `listen 127.0.0.1:${nginxPort};`)
+    .replaceAll('127.0.0.1:9000', `127.0.0.1:${upstreamPort}`)
+    .replaceAll('127.0.0.1:8056', `127.0.0.1:${keyward.port}`)
+    .replaceAll('include keyward-verify.conf;', `include ${join(dir, 'keyward-verify.conf')};`)
+    .replaceAll('include keyward-identity.conf;', `include ${join(dir, 'keyward-identity.conf')};`);
+  writeFileSync(join(dir, 'keyward-verify.conf'), docBlock('nginx-verify'));
+  writeFileSync(join(dir, 'keyward-identity.conf'), docBlock('nginx-identity'));
+  for (const sub of ['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi']) mkdirSync(join(dir, sub), { recursive: true });
+  const conf = join(dir, 'nginx.conf');
+  writeFileSync(
+    conf,
+    [
+      'daemon off;',
+      'worker_processes 1;',
+      `pid ${join(dir, 'nginx.pid')};`,
+      `error_log ${join(dir, 'error.log')} warn;`,
+      'events { worker_connections 64; }',
+      'http {',
+      '  access_log off;',
+      ...['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'].map((sub) => `  ${sub === 'body' ? 'client_body' : sub}_temp_path ${join(dir, sub)};`),
+      site,
+      '}',
+    ].join('\n'),
+  );
+  nginx = spawn(NGINX, ['-p', dir, '-c', conf, '-e', join(dir, 'error.log')], { stdio: ['ignore', 'pipe', 'pipe'] });
+  nginx.stdout?.on('data', (d) => (nginxLog += d));
+  nginx.stderr?.on('data', (d) => (nginxLog += d));
+  proxyBase = `http://127.0.0.1:${nginxPort}`;
+  await waitFor(proxyBase + '/');
+}, 30_000);
+
+afterAll(async () => {
+  if (nginx && nginx.exitCode === null) {
+    const exited = new Promise((resolve) => nginx.once('exit', resolve));
+    nginx.kill('SIGQUIT');
+    await exited;
+  }
+  if (upstream) await new Promise((resolve) => upstream.close(resolve));
+  await stopAllServers();
+  removeTempDirs();
+});
+
+async function userWithKey(scopes: string[]) {
+  const user = await adminCall('POST', '/admin/users', { email: `u${randomBytes(4).toString('hex')}@example.com` });
+  const key = await adminCall('POST', `/admin/users/${user!.id}/tokens`, { scopes });
+  return { user: user!, key: key! };
+}
+
+describe('nginx auth_request in front of keyward, configured as docs/forward-auth.md says', () => {
+  test('a good key reaches the upstream with its identity, and without the key itself', async () => {
+    const { user, key } = await userWithKey(['bots:read']);
+    const before = reached.length;
+    const res = await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token } });
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({ upstream: true });
+    expect(reached).toHaveLength(before + 1);
+    const seen = reached.at(-1)!.headers;
+    expect({
+      id: seen['x-keyward-user-id'],
+      email: seen['x-keyward-user-email'],
+      token: seen['x-keyward-token-id'],
+      scopes: seen['x-keyward-scopes'],
+      environment: seen['x-keyward-environment'],
+    }).toEqual({ id: String(user.id), email: user.email, token: String(key.id), scopes: 'bots:read', environment: 'live' });
+    expect(seen['x-api-key']).toBeUndefined();
+    expect(seen.authorization).toBeUndefined();
+  });
+
+  test('Bearer works too, for any method (nginx asks keyward with GET)', async () => {
+    const { key } = await userWithKey(['bots:read']);
+    const res = await fetch(`${proxyBase}/api/things`, { method: 'POST', headers: { Authorization: `Bearer ${key.token}` }, body: '{"a":1}' });
+    expect(res.status).toBe(200);
+    expect(reached.at(-1)!.headers['x-keyward-token-id']).toBe(String(key.id));
+  });
+
+  test('a bad or missing key gets 401 and never reaches the upstream', async () => {
+    const { key } = await userWithKey(['bots:read']);
+    const before = reached.length;
+    const wrong = key.token.slice(0, -1) + (key.token.endsWith('a') ? 'b' : 'a');
+    expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': wrong } })).status).toBe(401);
+    expect((await fetch(`${proxyBase}/api/things`)).status).toBe(401);
+    await adminCall('DELETE', `/admin/tokens/${key.id}`);
+    expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token } })).status).toBe(401);
+    expect(reached).toHaveLength(before);
+  });
+
+  test('a key without the scope a location asks for gets 403 there, and passes where it has it', async () => {
+    const { key } = await userWithKey(['bots:read']);
+    const before = reached.length;
+    expect((await fetch(`${proxyBase}/api/admin/reset`, { headers: { 'X-API-Key': key.token } })).status).toBe(403);
+    expect(reached).toHaveLength(before);
+    const { key: writer } = await userWithKey(['bots:read', 'bots:write']);
+    expect((await fetch(`${proxyBase}/api/admin/reset`, { headers: { 'X-API-Key': writer.token } })).status).toBe(200);
+    expect(reached.at(-1)!.headers['x-keyward-scopes']).toBe('bots:read bots:write');
+  });
+
+  test('spoofed X-Keyward-* headers from the client never reach the upstream', async () => {
+    const { user, key } = await userWithKey(['bots:read']);
+    const spoofed = {
+      'X-Keyward-User-Id': '999999',
+      'X-Keyward-User-Email': 'admin@example.com',
+      'X-Keyward-Token-Id': '1',
+      'X-Keyward-Scopes': 'bots:read bots:write tokens:write',
+      'X-Keyward-Environment': 'live',
+    };
+    const res = await fetch(`${proxyBase}/api/things`, { headers: { ...spoofed, 'X-API-Key': key.token } });
+    expect(res.status).toBe(200);
+    const seen = reached.at(-1)!.headers;
+    expect([seen['x-keyward-user-id'], seen['x-keyward-user-email'], seen['x-keyward-scopes']]).toEqual([String(user.id), user.email, 'bots:read']);
+
+    // Without a key the spoofed identity is refused outright, nothing reaches the upstream.
+    const before = reached.length;
+    expect((await fetch(`${proxyBase}/api/things`, { headers: spoofed })).status).toBe(401);
+    expect(reached).toHaveLength(before);
+  });
+
+  test('the key\'s IP allowlist sees the client address nginx forwards, not one the client claims', async () => {
+    const user = await adminCall('POST', '/admin/users', { email: `ip${randomBytes(4).toString('hex')}@example.com` });
+    const elsewhere = await adminCall('POST', `/admin/users/${user!.id}/tokens`, { scopes: ['bots:read'], allowed_ips: ['10.0.0.0/8'] });
+    const local = await adminCall('POST', `/admin/users/${user!.id}/tokens`, { scopes: ['bots:read'], allowed_ips: ['127.0.0.1'] });
+    // nginx replaces the client's X-Forwarded-For with the real address (127.0.0.1 here).
+    expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': elsewhere!.token, 'X-Forwarded-For': '10.1.2.3' } })).status).toBe(403);
+    expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': local!.token, 'X-Forwarded-For': '10.1.2.3' } })).status).toBe(200);
+  });
+});
