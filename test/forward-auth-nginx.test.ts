@@ -1,10 +1,9 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
-import { createServer as createNetServer } from 'node:net';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { REPO_ROOT, assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
+import { forwardAuthDocBlock, freePort, startUpstream, type Upstream, waitForHttp } from './helpers/gateway';
+import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
  * docs/forward-auth.md's nginx configuration, as written (only the ports change), with real nginx in
@@ -12,47 +11,14 @@ import { REPO_ROOT, assertBuilt, makeTempDir, removeTempDirs, startServer, stopA
  */
 
 const NGINX = '/usr/sbin/nginx';
-const DOC = readFileSync(join(REPO_ROOT, 'docs', 'forward-auth.md'), 'utf8');
 const ADMIN_KEY = randomBytes(32).toString('hex');
 
-function docBlock(name: string): string {
-  const start = DOC.indexOf(`<!-- ${name}:start -->`);
-  const end = DOC.indexOf(`<!-- ${name}:end -->`);
-  const match = /```nginx\n([\s\S]*?)\n```/.exec(DOC.slice(start, end));
-  if (start < 0 || end < start || !match) throw new Error(`docs/forward-auth.md has no nginx block between ${name} markers`);
-  return match[1]!;
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createNetServer();
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
-
 let keyward: ServerProcess;
-let upstream: Server;
+let upstream: Upstream;
+let reached: Upstream['reached'];
 let nginx: ChildProcess;
 let nginxLog = '';
 let proxyBase: string;
-/** What the upstream received, newest last. */
-const reached: Array<{ url: string; headers: IncomingHttpHeaders }> = [];
-
-async function waitFor(url: string): Promise<void> {
-  for (let i = 0; i < 100; i++) {
-    try {
-      await fetch(url);
-      return;
-    } catch {
-      await new Promise((r) => setTimeout(r, 50));
-    }
-  }
-  throw new Error(`${url} never answered; nginx said:\n${nginxLog}`);
-}
 
 async function adminCall(method: string, path: string, body?: unknown) {
   const res = await fetch(keyward.baseUrl + path, {
@@ -80,23 +46,19 @@ beforeAll(async () => {
     },
   });
 
-  upstream = createServer((req, res) => {
-    reached.push({ url: req.url ?? '', headers: req.headers });
-    res.setHeader('Content-Type', 'application/json');
-    res.end(JSON.stringify({ upstream: true }));
-  });
-  await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
-  const upstreamPort = (upstream.address() as { port: number }).port;
+  upstream = await startUpstream();
+  reached = upstream.reached;
+  const upstreamPort = upstream.port;
   const nginxPort = await freePort();
 
-  const site = docBlock('nginx')
+  const site = forwardAuthDocBlock('nginx', 'nginx')
     .replace('listen 8080;', `listen 127.0.0.1:${nginxPort};`)
     .replaceAll('127.0.0.1:9000', `127.0.0.1:${upstreamPort}`)
     .replaceAll('127.0.0.1:8056', `127.0.0.1:${keyward.port}`)
     .replaceAll('include keyward-verify.conf;', `include ${join(dir, 'keyward-verify.conf')};`)
     .replaceAll('include keyward-identity.conf;', `include ${join(dir, 'keyward-identity.conf')};`);
-  writeFileSync(join(dir, 'keyward-verify.conf'), docBlock('nginx-verify'));
-  writeFileSync(join(dir, 'keyward-identity.conf'), docBlock('nginx-identity'));
+  writeFileSync(join(dir, 'keyward-verify.conf'), forwardAuthDocBlock('nginx', 'nginx-verify'));
+  writeFileSync(join(dir, 'keyward-identity.conf'), forwardAuthDocBlock('nginx', 'nginx-identity'));
   for (const sub of ['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi']) mkdirSync(join(dir, sub), { recursive: true });
   const conf = join(dir, 'nginx.conf');
   writeFileSync(
@@ -118,7 +80,7 @@ beforeAll(async () => {
   nginx.stdout?.on('data', (d) => (nginxLog += d));
   nginx.stderr?.on('data', (d) => (nginxLog += d));
   proxyBase = `http://127.0.0.1:${nginxPort}`;
-  await waitFor(proxyBase + '/');
+  await waitForHttp(proxyBase + '/', () => nginxLog);
 }, 30_000);
 
 afterAll(async () => {
@@ -127,7 +89,7 @@ afterAll(async () => {
     nginx.kill('SIGQUIT');
     await exited;
   }
-  if (upstream) await new Promise((resolve) => upstream.close(resolve));
+  if (upstream) await upstream.close();
   await stopAllServers();
   removeTempDirs();
 });
