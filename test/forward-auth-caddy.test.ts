@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { forwardAuthDocBlock, freePort, startUpstream, type Upstream, waitForHttp } from './helpers/gateway';
+import { adminClient, forwardAuthDocBlock, freePort, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
 import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
@@ -14,25 +14,13 @@ const CADDY = '/usr/bin/caddy';
 const ADMIN_KEY = randomBytes(32).toString('hex');
 
 let keyward: ServerProcess;
+let admin: ReturnType<typeof adminClient>;
 let upstream: Upstream;
 let caddy: ChildProcess;
 let caddyLog = '';
 let proxyBase: string;
 
-async function adminCall(method: string, path: string, body?: unknown) {
-  const res = await fetch(keyward.baseUrl + path, {
-    method,
-    headers: { 'X-Admin-API-Key': ADMIN_KEY, 'Content-Type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${await res.text()}`);
-  return (await res.json()) as Record<string, any>;
-}
 
-async function userWithKey(scopes: string[]) {
-  const user = await adminCall('POST', '/admin/users', { email: `c${randomBytes(4).toString('hex')}@example.com` });
-  return { user, key: await adminCall('POST', `/admin/users/${user.id}/tokens`, { scopes }) };
-}
 
 beforeAll(async () => {
   assertBuilt();
@@ -48,6 +36,7 @@ beforeAll(async () => {
       TRUST_PROXY: 'loopback',
     },
   });
+  admin = adminClient(keyward.baseUrl, ADMIN_KEY);
   upstream = await startUpstream();
   const port = await freePort();
   const site = forwardAuthDocBlock('caddy', 'caddy')
@@ -68,11 +57,7 @@ beforeAll(async () => {
 }, 30_000);
 
 afterAll(async () => {
-  if (caddy && caddy.exitCode === null) {
-    const exited = new Promise((resolve) => caddy.once('exit', resolve));
-    caddy.kill('SIGTERM');
-    await exited;
-  }
+  await stopProcess(caddy, 'SIGTERM');
   if (upstream) await upstream.close();
   await stopAllServers();
   removeTempDirs();
@@ -80,7 +65,7 @@ afterAll(async () => {
 
 describe('Caddy forward_auth in front of keyward, configured as docs/forward-auth.md says', () => {
   test('a good key reaches the upstream with its identity, and without the key itself', async () => {
-    const { user, key } = await userWithKey(['bots:read']);
+    const { user, key } = await admin.userWithKey({ scopes: ['bots:read'] });
     // Both headers, the same key (keyward accepts that): neither may reach the service.
     const res = await fetch(`${proxyBase}/api/things`, {
       method: 'POST',
@@ -101,7 +86,7 @@ describe('Caddy forward_auth in front of keyward, configured as docs/forward-aut
   });
 
   test("keyward's refusals reach the client as they are, envelope included, and nothing reaches the upstream", async () => {
-    const { user, key } = await userWithKey(['tokens:read']);
+    const { user, key } = await admin.userWithKey({ scopes: ['tokens:read'] });
     const before = upstream.reached.length;
     const missingScope = await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token } });
     expect(missingScope.status).toBe(403);
@@ -111,11 +96,7 @@ describe('Caddy forward_auth in front of keyward, configured as docs/forward-aut
     expect(((await noKey.json()) as { error: { code: string } }).error.code).toBe('AUTHENTICATION_REQUIRED');
 
     // Unlike nginx, Caddy passes 429 through.
-    await fetch(`${keyward.baseUrl}/admin/users/${user.id}`, {
-      method: 'PATCH',
-      headers: { 'X-Admin-API-Key': ADMIN_KEY, 'Content-Type': 'application/json' },
-      body: JSON.stringify({ rate_limit_per_minute: 0 }),
-    });
+    await admin.call('PATCH', `/admin/users/${user.id}`, { rate_limit_per_minute: 0 });
     const limited = await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token } });
     expect(limited.status).toBe(429);
     expect(limited.headers.get('retry-after')).toMatch(/^\d+$/);
@@ -123,7 +104,7 @@ describe('Caddy forward_auth in front of keyward, configured as docs/forward-aut
   });
 
   test('spoofed X-Keyward-* headers from the client never reach the upstream', async () => {
-    const { user, key } = await userWithKey(['bots:read']);
+    const { user, key } = await admin.userWithKey({ scopes: ['bots:read'] });
     const res = await fetch(`${proxyBase}/api/things`, {
       headers: { 'X-API-Key': key.token, 'X-Keyward-User-Id': '999999', 'X-Keyward-Scopes': 'bots:read bots:write tokens:write' },
     });
@@ -133,8 +114,8 @@ describe('Caddy forward_auth in front of keyward, configured as docs/forward-aut
   });
 
   test('the allowlist sees the connection\'s address, not an X-Forwarded-For the client claims', async () => {
-    const user = await adminCall('POST', '/admin/users', { email: `cip${randomBytes(4).toString('hex')}@example.com` });
-    const elsewhere = await adminCall('POST', `/admin/users/${user.id}/tokens`, { scopes: ['bots:read'], allowed_ips: ['10.0.0.0/8'] });
+    const user = await admin.call('POST', '/admin/users', { email: `cip${randomBytes(4).toString('hex')}@example.com` });
+    const elsewhere = await admin.call('POST', `/admin/users/${user.id}/tokens`, { scopes: ['bots:read'], allowed_ips: ['10.0.0.0/8'] });
     const res = await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': elsewhere.token, 'X-Forwarded-For': '10.1.2.3' } });
     expect(res.status).toBe(403);
   });

@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { forwardAuthDocBlock, freePort, startUpstream, type Upstream, waitForHttp } from './helpers/gateway';
+import { adminClient, forwardAuthDocBlock, freePort, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
 import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
@@ -14,21 +14,13 @@ const NGINX = '/usr/sbin/nginx';
 const ADMIN_KEY = randomBytes(32).toString('hex');
 
 let keyward: ServerProcess;
+let admin: ReturnType<typeof adminClient>;
 let upstream: Upstream;
 let reached: Upstream['reached'];
 let nginx: ChildProcess;
 let nginxLog = '';
 let proxyBase: string;
 
-async function adminCall(method: string, path: string, body?: unknown) {
-  const res = await fetch(keyward.baseUrl + path, {
-    method,
-    headers: { 'X-Admin-API-Key': ADMIN_KEY, 'Content-Type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${await res.text()}`);
-  return res.status === 204 ? undefined : ((await res.json()) as Record<string, any>);
-}
 
 beforeAll(async () => {
   assertBuilt();
@@ -46,6 +38,7 @@ beforeAll(async () => {
     },
   });
 
+  admin = adminClient(keyward.baseUrl, ADMIN_KEY);
   upstream = await startUpstream();
   reached = upstream.reached;
   const upstreamPort = upstream.port;
@@ -84,25 +77,16 @@ beforeAll(async () => {
 }, 30_000);
 
 afterAll(async () => {
-  if (nginx && nginx.exitCode === null) {
-    const exited = new Promise((resolve) => nginx.once('exit', resolve));
-    nginx.kill('SIGQUIT');
-    await exited;
-  }
+  await stopProcess(nginx, 'SIGQUIT');
   if (upstream) await upstream.close();
   await stopAllServers();
   removeTempDirs();
 });
 
-async function userWithKey(scopes: string[]) {
-  const user = await adminCall('POST', '/admin/users', { email: `u${randomBytes(4).toString('hex')}@example.com` });
-  const key = await adminCall('POST', `/admin/users/${user!.id}/tokens`, { scopes });
-  return { user: user!, key: key! };
-}
 
 describe('nginx auth_request in front of keyward, configured as docs/forward-auth.md says', () => {
   test('a good key reaches the upstream with its identity, and without the key itself', async () => {
-    const { user, key } = await userWithKey(['bots:read']);
+    const { user, key } = await admin.userWithKey({ scopes: ['bots:read'] });
     const before = reached.length;
     const res = await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token } });
     expect(res.status).toBe(200);
@@ -121,35 +105,35 @@ describe('nginx auth_request in front of keyward, configured as docs/forward-aut
   });
 
   test('Bearer works too, for any method (nginx asks keyward with GET)', async () => {
-    const { key } = await userWithKey(['bots:read']);
+    const { key } = await admin.userWithKey({ scopes: ['bots:read'] });
     const res = await fetch(`${proxyBase}/api/things`, { method: 'POST', headers: { Authorization: `Bearer ${key.token}` }, body: '{"a":1}' });
     expect(res.status).toBe(200);
     expect(reached.at(-1)!.headers['x-keyward-token-id']).toBe(String(key.id));
   });
 
   test('a bad or missing key gets 401 and never reaches the upstream', async () => {
-    const { key } = await userWithKey(['bots:read']);
+    const { key } = await admin.userWithKey({ scopes: ['bots:read'] });
     const before = reached.length;
     const wrong = key.token.slice(0, -1) + (key.token.endsWith('a') ? 'b' : 'a');
     expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': wrong } })).status).toBe(401);
     expect((await fetch(`${proxyBase}/api/things`)).status).toBe(401);
-    await adminCall('DELETE', `/admin/tokens/${key.id}`);
+    await admin.call('DELETE', `/admin/tokens/${key.id}`);
     expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token } })).status).toBe(401);
     expect(reached).toHaveLength(before);
   });
 
   test('a key without the scope a location asks for gets 403 there, and passes where it has it', async () => {
-    const { key } = await userWithKey(['bots:read']);
+    const { key } = await admin.userWithKey({ scopes: ['bots:read'] });
     const before = reached.length;
     expect((await fetch(`${proxyBase}/api/admin/reset`, { headers: { 'X-API-Key': key.token } })).status).toBe(403);
     expect(reached).toHaveLength(before);
-    const { key: writer } = await userWithKey(['bots:read', 'bots:write']);
+    const { key: writer } = await admin.userWithKey({ scopes: ['bots:read', 'bots:write'] });
     expect((await fetch(`${proxyBase}/api/admin/reset`, { headers: { 'X-API-Key': writer.token } })).status).toBe(200);
     expect(reached.at(-1)!.headers['x-keyward-scopes']).toBe('bots:read bots:write');
   });
 
   test('spoofed X-Keyward-* headers from the client never reach the upstream', async () => {
-    const { user, key } = await userWithKey(['bots:read']);
+    const { user, key } = await admin.userWithKey({ scopes: ['bots:read'] });
     const spoofed = {
       'X-Keyward-User-Id': '999999',
       'X-Keyward-User-Email': 'admin@example.com',
@@ -169,9 +153,9 @@ describe('nginx auth_request in front of keyward, configured as docs/forward-aut
   });
 
   test('the key\'s IP allowlist sees the client address nginx forwards, not one the client claims', async () => {
-    const user = await adminCall('POST', '/admin/users', { email: `ip${randomBytes(4).toString('hex')}@example.com` });
-    const elsewhere = await adminCall('POST', `/admin/users/${user!.id}/tokens`, { scopes: ['bots:read'], allowed_ips: ['10.0.0.0/8'] });
-    const local = await adminCall('POST', `/admin/users/${user!.id}/tokens`, { scopes: ['bots:read'], allowed_ips: ['127.0.0.1'] });
+    const user = await admin.call('POST', '/admin/users', { email: `ip${randomBytes(4).toString('hex')}@example.com` });
+    const elsewhere = await admin.call('POST', `/admin/users/${user!.id}/tokens`, { scopes: ['bots:read'], allowed_ips: ['10.0.0.0/8'] });
+    const local = await admin.call('POST', `/admin/users/${user!.id}/tokens`, { scopes: ['bots:read'], allowed_ips: ['127.0.0.1'] });
     // nginx replaces the client's X-Forwarded-For with the real address (127.0.0.1 here).
     expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': elsewhere!.token, 'X-Forwarded-For': '10.1.2.3' } })).status).toBe(403);
     expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': local!.token, 'X-Forwarded-For': '10.1.2.3' } })).status).toBe(200);

@@ -1,3 +1,5 @@
+import type { ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import { createServer as createNetServer } from 'node:net';
@@ -62,4 +64,33 @@ export async function waitForHttp(url: string, describeFailure: () => string): P
     }
   }
   throw new Error(`${url} never answered:\n${describeFailure()}`);
+}
+
+/** The admin API of a keyward server process, for setting up users and keys in gateway tests. */
+export function adminClient(baseUrl: string, adminKey: string) {
+  const call = async (method: string, path: string, body?: unknown): Promise<Record<string, any>> => {
+    const res = await fetch(baseUrl + path, {
+      method,
+      headers: { 'X-Admin-API-Key': adminKey, 'Content-Type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${await res.text()}`);
+    return res.status === 204 ? {} : ((await res.json()) as Record<string, any>);
+  };
+  return {
+    call,
+    /** A fresh user and one key with these scopes (and any other mint fields). */
+    async userWithKey(mint: Record<string, unknown>) {
+      const user = await call('POST', '/admin/users', { email: `gw${randomBytes(6).toString('hex')}@example.com` });
+      return { user, key: await call('POST', `/admin/users/${user.id}/tokens`, mint) };
+    },
+  };
+}
+
+/** Stops a gateway process and waits until it has exited. */
+export async function stopProcess(child: ChildProcess | undefined, signal: NodeJS.Signals): Promise<void> {
+  if (!child || child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill(signal);
+  await exited;
 }
