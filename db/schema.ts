@@ -19,6 +19,8 @@ export interface UsersTable {
   updated_at: string;
   /** Requests a minute on /v1; 0 blocks. Never NULL: there is no implicit "unlimited". */
   rate_limit_per_minute: Generated<number>;
+  /** The person's subject at the identity provider (SSO), unique; NULL when not linked. */
+  sso_subject: string | null;
 }
 
 export interface TokensTable {

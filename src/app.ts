@@ -16,6 +16,9 @@ import { adminBotsHandlers, botsHandlers } from './bots/bots.routes';
 import { BotsService } from './bots/bots.service';
 import { forwardAuthHandlers } from './forward-auth/forward-auth.routes';
 import { createLogger, type Logger } from './logger';
+import { requireSso } from './sso/sso-auth';
+import { ssoHandlers } from './sso/sso.routes';
+import { SsoService } from './sso/sso.service';
 import { meHandlers } from './me/me.routes';
 import { listOperations, loadSpec } from './openapi/spec';
 import { RateLimits } from './rate-limit/rate-limits';
@@ -58,6 +61,15 @@ export function createApp(deps: AppDeps): KeywardApp {
   const limits = new RateLimits(config);
   const lastUse = new LastUseRecorder({ db, clock, logger });
   const bots = new BotsService({ db, clock, logger, retentionSeconds: config.botRetentionSeconds });
+  const sso = new SsoService({
+    db,
+    clock,
+    allowedDomains: config.ssoAllowedDomains,
+    allowedGroups: config.ssoAllowedGroups,
+    autoProvision: config.ssoAutoProvision,
+    defaultMaxConcurrentBots: config.ssoDefaultMaxConcurrentBots,
+    defaultRateLimit: config.rateLimitPerMinute,
+  });
   const users = new UsersService({ db, clock, defaultRateLimit: config.rateLimitPerMinute, activeBots: (ids) => bots.activeCounts(ids) });
   const tokens = new TokensService({
     db,
@@ -102,8 +114,9 @@ export function createApp(deps: AppDeps): KeywardApp {
       ...adminBotsHandlers(bots, users),
       ...meHandlers(),
       ...forwardAuthHandlers(),
+      ...ssoHandlers(tokens, config.ssoUserScopes),
     },
-    { admin: requireAdmin(config.adminKeyDigest, limits), user: requireUser(verifier, limits) },
+    { admin: requireAdmin(config.adminKeyDigest, limits), user: requireUser(verifier, limits), sso: requireSso(config, sso, limits) },
   );
   app.use(router);
   app.use(docsRouter(doc));

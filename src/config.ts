@@ -31,6 +31,18 @@ export interface Config {
   readonly adminRateLimitPerMinute: number;
   /** How long finished bots stay visible, in seconds. */
   readonly botRetentionSeconds: number;
+  /** Socket addresses/CIDRs of the SSO proxy whose identity headers are believed; empty: SSO off. */
+  readonly ssoTrustedProxies: readonly string[];
+  /** sha256 of SSO_SHARED_SECRET, which the proxy must also send; null: not required. */
+  readonly ssoSharedSecretDigest: Buffer | null;
+  /** Identity header names: `${prefix}Email`, `${prefix}User`, `${prefix}Preferred-Username`, `${prefix}Groups`. */
+  readonly ssoHeaderPrefix: string;
+  readonly ssoAutoProvision: boolean;
+  readonly ssoAllowedDomains: readonly string[];
+  readonly ssoAllowedGroups: readonly string[];
+  /** Scopes signed-in people may give their own keys. */
+  readonly ssoUserScopes: readonly string[];
+  readonly ssoDefaultMaxConcurrentBots: number;
 }
 
 export class ConfigError extends Error {
@@ -137,6 +149,38 @@ function optional<T>(parse: (raw: string, name: string) => Parsed<T>) {
   return (raw: string, name: string): Parsed<T | null> => (raw.trim() === '' ? ok(null) : parse(raw, name));
 }
 
+function list(raw: string): string[] {
+  return raw.split(/[\s,]+/).filter((e) => e !== '');
+}
+
+function ssoProxies(raw: string, name: string): Parsed<readonly string[]> {
+  const entries = list(raw);
+  // By socket address only: "loopback" and hop counts belong to TRUST_PROXY, not here.
+  const invalid = entries.filter((e) => !isCidrOrAddress(e));
+  if (invalid.length > 0) return bad(`${name} has entries that are not addresses or CIDRs: ${invalid.join(', ')}`);
+  return ok(Object.freeze(entries));
+}
+
+function ssoSecret(raw: string, name: string): Parsed<Buffer | null> {
+  if (raw === '') return ok(null);
+  if (raw.length < 32) return bad(`${name} must be at least 32 characters when set (it has ${raw.length}); ${HOW_TO_MAKE_A_KEY}`);
+  return ok(createHash('sha256').update(raw).digest());
+}
+
+function onOff(raw: string, name: string): Parsed<boolean> {
+  const value = raw.trim().toLowerCase();
+  if (['on', 'true', '1', 'yes'].includes(value)) return ok(true);
+  if (['off', 'false', '0', 'no', ''].includes(value)) return ok(false);
+  return bad(`${name} must be on or off, got "${raw}"`);
+}
+
+function domains(raw: string, name: string): Parsed<readonly string[]> {
+  const entries = list(raw.toLowerCase());
+  const invalid = entries.filter((e) => !/^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$/.test(e));
+  if (invalid.length > 0) return bad(`${name} has entries that are not domain names: ${invalid.join(', ')}`);
+  return ok(Object.freeze(entries));
+}
+
 /** The one table of settings: the loader, .env.example and the README's table all follow it. */
 export const VARIABLES: readonly Variable[] = [
   { name: 'ADMIN_API_TOKEN', key: 'adminKeyDigest', default: undefined, parse: adminKey,
@@ -180,6 +224,23 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'Admin API requests a minute per client address.' },
   { name: 'BOT_RETENTION', key: 'botRetentionSeconds', default: '7d', parse: duration(3600, 31_536_000),
     doc: 'How long released and expired bots stay visible before they are deleted (e.g. 7d, 48h).' },
+  { name: 'SSO_TRUSTED_PROXIES', key: 'ssoTrustedProxies', default: '', parse: ssoProxies,
+    doc: 'Addresses/CIDRs of the oauth2-proxy whose identity headers keyward believes (by connection address). Empty: SSO off.' },
+  { name: 'SSO_SHARED_SECRET', key: 'ssoSharedSecretDigest', default: '', parse: ssoSecret,
+    doc: 'If set (32+ characters), the proxy must also send it in X-Keyward-SSO-Secret.' },
+  { name: 'SSO_HEADER_PREFIX', key: 'ssoHeaderPrefix', default: 'X-Forwarded-',
+    doc: 'Prefix of the identity headers: X-Forwarded- (oauth2-proxy upstream mode) or X-Auth-Request- (auth_request mode).',
+    parse: (raw, name) => (/^[A-Za-z][A-Za-z0-9-]{0,40}$/.test(raw) ? ok(raw) : bad(`${name} must be a header name prefix like X-Forwarded-, got "${raw}"`)) },
+  { name: 'SSO_AUTO_PROVISION', key: 'ssoAutoProvision', default: 'off', parse: onOff,
+    doc: 'on: a signed-in person with no keyward user gets one; off: only people the admin created (matched by SSO subject or email).' },
+  { name: 'SSO_ALLOWED_DOMAINS', key: 'ssoAllowedDomains', default: '', parse: domains,
+    doc: 'If set, only people whose email is in one of these domains may use SSO (comma-separated).' },
+  { name: 'SSO_ALLOWED_GROUPS', key: 'ssoAllowedGroups', default: '', parse: (raw) => ok(Object.freeze(list(raw))),
+    doc: 'If set, only people in at least one of these groups (the proxy\'s groups header) may use SSO.' },
+  { name: 'SSO_USER_SCOPES', key: 'ssoUserScopes', default: 'bots:read bots:write', parse: scopeList,
+    doc: 'Scopes signed-in people may give the keys they make for themselves.' },
+  { name: 'SSO_DEFAULT_MAX_CONCURRENT_BOTS', key: 'ssoDefaultMaxConcurrentBots', default: '3', parse: integer(0, 100_000),
+    doc: 'max_concurrent_bots of users created by SSO_AUTO_PROVISION.' },
 ];
 
 /** Pure: reads only the given environment, and reports every problem at once. */
@@ -198,6 +259,10 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     if (parsed.ok) values[variable.key] = parsed.value;
     else problems.push(parsed.problem);
   }
+  // SSO users can only be given scopes that exist.
+  const known = ['bots:read', 'bots:write', 'tokens:read', 'tokens:write', ...((values.extraScopes as string[] | undefined) ?? [])];
+  const unknownSso = ((values.ssoUserScopes as string[] | undefined) ?? []).filter((scope) => !known.includes(scope));
+  if (unknownSso.length > 0) problems.push(`SSO_USER_SCOPES names scopes that are neither built in nor in EXTRA_SCOPES: ${unknownSso.join(', ')}`);
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(values as unknown as Config);
 }

@@ -51,7 +51,7 @@ describe('the OpenAPI document', () => {
 
 describe('mounting refuses a contract and handlers that disagree', () => {
   const noop = () => undefined;
-  const auth = { admin: noop as never, user: noop as never };
+  const auth = { admin: noop as never, user: noop as never, sso: noop as never };
   const allHandlers = Object.fromEntries(operations.map((op) => [op.operationId, noop]));
 
   test('an operation without a handler stops start-up', () => {
@@ -197,6 +197,27 @@ describe('responses match the documented schemas', () => {
     expectDocumented('verifyKey', await request(ctx.app).get('/auth/verify?scope=bots:write').set('X-API-Key', key.token));
     expectDocumented('verifyKey', await request(ctx.app).get('/auth/verify?scope=,').set('X-API-Key', key.token));
     expectDocumented('verifyKey', await request(ctx.app).get('/auth/verify'));
+  });
+
+  test('for single sign-on, on success and on error', async () => {
+    const sso = await createTestApp({ env: { SSO_TRUSTED_PROXIES: '127.0.0.1, ::1', SSO_AUTO_PROVISION: 'on' } });
+    try {
+      const person = { 'X-Forwarded-Email': 'sso-doc@example.com', 'X-Forwarded-User': 'sub-doc' };
+      const change = { ...person, 'X-Keyward-CSRF': '1' };
+      expectDocumented('getSsoMe', await request(sso.app).get('/sso/me').set(person));
+      expectDocumented('getSsoMe', await request(sso.app).get('/sso/me'));
+      const minted = await request(sso.app).post('/sso/tokens').set(change).send({ name: 'laptop' });
+      expectDocumented('mintSsoToken', minted);
+      expectDocumented('mintSsoToken', await request(sso.app).post('/sso/tokens').set(person).send({}));
+      expectDocumented('mintSsoToken', await request(sso.app).post('/sso/tokens').set(change).send({ scopes: ['tokens:write'] }));
+      expectDocumented('listSsoTokens', await request(sso.app).get('/sso/tokens').set(person));
+      expectDocumented('rotateSsoToken', await request(sso.app).post(`/sso/tokens/${minted.body.id}/rotate`).set(change).send({ grace_period_seconds: 0 }));
+      expectDocumented('rotateSsoToken', await request(sso.app).post(`/sso/tokens/${minted.body.id}/rotate`).set(change));
+      expectDocumented('revokeSsoToken', await request(sso.app).delete(`/sso/tokens/${minted.body.id}`).set(change));
+      expectDocumented('revokeSsoToken', await request(sso.app).delete('/sso/tokens/999999').set(change));
+    } finally {
+      await sso.close();
+    }
   });
 
   // Runs after the ones above (jest keeps a file's order): a new operation must join them.

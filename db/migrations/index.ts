@@ -2,6 +2,7 @@ import type { Migration, MigrationProvider } from 'kysely';
 import * as initial from './20261123-0001-initial';
 import * as tokenLifecycle from './20261123-0002-token-lifecycle';
 import * as botsAndRateLimits from './20261123-0003-bots-and-rate-limits';
+import * as ssoSubject from './20261123-0004-sso-subject';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -11,6 +12,7 @@ const MIGRATIONS: Record<string, Migration> = {
   '20261123-0001-initial': initial,
   '20261123-0002-token-lifecycle': tokenLifecycle,
   '20261123-0003-bots-and-rate-limits': botsAndRateLimits,
+  '20261123-0004-sso-subject': ssoSubject,
 };
 
 export const migrationProvider: MigrationProvider = {

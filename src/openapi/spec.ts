@@ -7,7 +7,7 @@ import { parse } from 'yaml';
  * with the auth its `security` names and the validation its schemas describe, and nothing else is.
  * So the document users read at /docs cannot drift from what the server does.
  */
-export type AuthKind = 'admin' | 'user' | 'none';
+export type AuthKind = 'admin' | 'user' | 'sso' | 'none';
 
 export type JsonSchema = Record<string, unknown>;
 
@@ -46,6 +46,7 @@ export const SECURITY_SCHEMES: Record<string, Exclude<AuthKind, 'none'>> = {
   AdminApiKey: 'admin',
   UserApiKey: 'user',
   UserBearer: 'user',
+  SsoProxy: 'sso',
 };
 
 const METHODS = ['get', 'post', 'put', 'patch', 'delete'] as const;
@@ -129,7 +130,13 @@ export function listOperations(doc: OpenApiDocument): OperationSpec[] {
       const auth = authOf(operationId, security);
       // The path decides which API an operation belongs to; its security must agree, so a /v1 route
       // cannot be opened (security: []) or handed to the admin key by a slip in the document.
-      const expected: AuthKind | undefined = path.startsWith('/v1/') ? 'user' : path.startsWith('/admin/') ? 'admin' : undefined;
+      const expected: AuthKind | undefined = path.startsWith('/v1/')
+        ? 'user'
+        : path.startsWith('/admin/')
+          ? 'admin'
+          : path.startsWith('/sso/')
+            ? 'sso'
+            : undefined;
       if (expected !== undefined && auth !== expected) {
         throw new Error(`openapi: ${operationId} is under ${path.split('/')[1]}/ but its security is ${auth === 'none' ? 'open' : auth}`);
       }

@@ -42,13 +42,29 @@ export async function updateUser(db: Db, id: number, patch: UserUpdate): Promise
     .executeTakeFirst();
 }
 
-/** Frees the email for reuse; the row stays so the user's revoked tokens still say "revoked". */
+/** Frees the email and the SSO subject for reuse; the row stays so the user's revoked tokens still say "revoked". */
 export async function markUserDeleted(db: Db, id: number, now: string): Promise<boolean> {
   const result = await db
     .updateTable('users')
-    .set({ deleted_at: now, updated_at: now, email_lower: null })
+    .set({ deleted_at: now, updated_at: now, email_lower: null, sso_subject: null })
     .where('id', '=', id)
     .where('deleted_at', 'is', null)
     .executeTakeFirst();
   return result.numUpdatedRows > 0n;
+}
+
+export async function findUserBySsoSubject(db: Db, subject: string): Promise<UserRow | undefined> {
+  return db.selectFrom('users').selectAll().where('sso_subject', '=', subject).where('deleted_at', 'is', null).executeTakeFirst();
+}
+
+/** Links a subject to a user that has none yet; undefined if the user changed meanwhile. */
+export async function linkSsoSubject(db: Db, id: number, subject: string, now: string): Promise<UserRow | undefined> {
+  return db
+    .updateTable('users')
+    .set({ sso_subject: subject, updated_at: now })
+    .where('id', '=', id)
+    .where('sso_subject', 'is', null)
+    .where('deleted_at', 'is', null)
+    .returningAll()
+    .executeTakeFirst();
 }

@@ -20,6 +20,8 @@ export interface UserResponse {
   /** Bots holding a slot right now. */
   active_bots: number;
   rate_limit_per_minute: number;
+  /** The linked single sign-on identity, if any. */
+  sso_subject: string | null;
   data: Record<string, unknown> | null;
   disabled: boolean;
   disabled_at: string | null;
@@ -35,6 +37,7 @@ export function toUserResponse(row: UserRow, activeBots: number): UserResponse {
     max_concurrent_bots: row.max_concurrent_bots,
     active_bots: activeBots,
     rate_limit_per_minute: row.rate_limit_per_minute,
+    sso_subject: row.sso_subject,
     data: row.data === null ? null : (JSON.parse(row.data) as Record<string, unknown>),
     disabled: row.disabled_at !== null,
     disabled_at: row.disabled_at,
@@ -55,6 +58,7 @@ export interface UpdateUserInput {
   name?: string | null;
   max_concurrent_bots?: number;
   rate_limit_per_minute?: number;
+  sso_subject?: string | null;
   data?: Record<string, unknown> | null;
   disabled?: boolean;
 }
@@ -143,6 +147,13 @@ export class UsersService {
     if (input.name !== undefined) patch.name = input.name;
     if (input.max_concurrent_bots !== undefined) patch.max_concurrent_bots = input.max_concurrent_bots;
     if (input.rate_limit_per_minute !== undefined) patch.rate_limit_per_minute = input.rate_limit_per_minute;
+    if (input.sso_subject !== undefined) {
+      patch.sso_subject = input.sso_subject;
+      if (input.sso_subject !== null) {
+        const holder = await users.findUserBySsoSubject(db, input.sso_subject);
+        if (holder && holder.id !== id) throw conflict('Another user is linked to this SSO subject.', { existing_id: holder.id });
+      }
+    }
     if (input.data !== undefined) patch.data = serializeData(input.data);
     // Disabling keeps the first time it happened; enabling clears it.
     if (input.disabled === true && current.disabled_at === null) patch.disabled_at = now;

@@ -1,0 +1,88 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { Request, Response } from 'express';
+import type { Config } from '../config';
+import { AppError } from '../http/errors';
+import type { Guard } from '../http/operations';
+import type { RateLimits } from '../rate-limit/rate-limits';
+import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
+import type { SsoService, SsoIdentity, SsoUser } from './sso.service';
+
+export interface SsoContext {
+  user: SsoUser;
+  identity: SsoIdentity;
+}
+
+const signIn = (message: string) => new AppError(401, 'AUTHENTICATION_REQUIRED', message);
+
+const header = (req: Request, name: string): string | undefined => {
+  const value = req.headers[name.toLowerCase()];
+  const text = Array.isArray(value) ? value[0] : value;
+  return text === undefined || text.trim() === '' ? undefined : text.trim();
+};
+
+/**
+ * Requests that change something must come from keyward's own page: a page on another site cannot
+ * send a custom header without a CORS preflight keyward never approves, and browsers name the page's
+ * origin, which must be this host. The proxy's sign-in cookie rides along with any cross-site request,
+ * so without this a foreign page could mint keys for whoever visits it.
+ */
+function checkSameOrigin(req: Request): void {
+  if (req.method === 'GET' || req.method === 'HEAD') return;
+  if (req.headers['x-keyward-csrf'] !== '1') {
+    throw new AppError(403, 'CSRF_CHECK_FAILED', 'Changes need the X-Keyward-CSRF: 1 header, which only keyward\'s own page sends.');
+  }
+  const origin = req.headers.origin;
+  if (origin !== undefined) {
+    let host: string | undefined;
+    try {
+      host = new URL(origin).host;
+    } catch {
+      host = undefined;
+    }
+    if (host === undefined || host !== req.headers.host) {
+      throw new AppError(403, 'CSRF_CHECK_FAILED', 'This request comes from another site\'s page.');
+    }
+  }
+}
+
+/**
+ * The one auth path for /sso. Identity headers are believed only from the proxy: by the connection's
+ * own address (never X-Forwarded-For, which anyone can write) and, when SSO_SHARED_SECRET is set, with
+ * that secret. From anyone else the headers are ignored and the answer is 401, exactly as if the
+ * person had not signed in.
+ */
+export function requireSso(config: Config, sso: SsoService, limits: RateLimits): Guard {
+  const proxies = config.ssoTrustedProxies.length > 0 ? compiledAllowlist(JSON.stringify(config.ssoTrustedProxies)) : undefined;
+  const prefix = config.ssoHeaderPrefix;
+  return async (req: Request, res: Response) => {
+    if (!proxies) throw signIn('Single sign-on is not enabled on this server (SSO_TRUSTED_PROXIES is empty).');
+    const peer = normalizeClientIp(req.socket.remoteAddress ?? '');
+    if (!proxies.allows(peer)) throw signIn('Sign in through your organisation\'s sign-in proxy.');
+    if (config.ssoSharedSecretDigest) {
+      const sent = header(req, 'X-Keyward-SSO-Secret') ?? '';
+      if (!timingSafeEqual(createHash('sha256').update(sent).digest(), config.ssoSharedSecretDigest)) {
+        throw signIn('Sign in through your organisation\'s sign-in proxy.');
+      }
+    }
+    const email = header(req, `${prefix}Email`);
+    if (email === undefined) throw signIn('The sign-in proxy sent no email for you; sign in again.');
+    const identity: SsoIdentity = {
+      email,
+      subject: header(req, `${prefix}User`) ?? email,
+      username: header(req, `${prefix}Preferred-Username`) ?? null,
+      groups: (header(req, `${prefix}Groups`) ?? '')
+        .split(',')
+        .map((g) => g.trim())
+        .filter((g) => g !== ''),
+    };
+    const user = await sso.userFor(identity);
+    checkSameOrigin(req);
+    const context: SsoContext = { user, identity };
+    res.locals.sso = context;
+    // Logs name the user like any other authenticated request.
+    res.locals.auth = { user: { id: user.id } };
+    await limits.userRequest(user.id, user.rate_limit_per_minute, res);
+  };
+}
+
+export const ssoOf = (res: Response): SsoContext => res.locals.sso as SsoContext;
