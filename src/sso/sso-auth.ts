@@ -64,6 +64,8 @@ export function requireSso(config: Config, sso: SsoService, limits: RateLimits):
         throw signIn('Sign in through your organisation\'s sign-in proxy.');
       }
     }
+    // Before anything is looked up, linked or provisioned for this person.
+    checkSameOrigin(req);
     const email = header(req, `${prefix}Email`);
     if (email === undefined) throw signIn('The sign-in proxy sent no email for you; sign in again.');
     const identity: SsoIdentity = {
@@ -76,7 +78,6 @@ export function requireSso(config: Config, sso: SsoService, limits: RateLimits):
         .filter((g) => g !== ''),
     };
     const user = await sso.userFor(identity);
-    checkSameOrigin(req);
     const context: SsoContext = { user, identity };
     res.locals.sso = context;
     // Logs name the user like any other authenticated request.

@@ -62,6 +62,8 @@ export class SsoService {
       }
       const linked = await users.linkSsoSubject(db, byEmail.id, identity.subject, clock.now().toISOString());
       if (linked) return linked;
+      // Linked by someone else meanwhile (this person's other first request, or an admin): look again.
+      if (attempt === 1) return this.find(identity, 2);
     }
 
     if (!this.deps.autoProvision) throw denied('There is no keyward user for you yet; ask the admin to create one.');

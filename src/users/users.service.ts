@@ -158,7 +158,15 @@ export class UsersService {
     // Disabling keeps the first time it happened; enabling clears it.
     if (input.disabled === true && current.disabled_at === null) patch.disabled_at = now;
     if (input.disabled === false) patch.disabled_at = null;
-    const row = await users.updateUser(db, id, patch);
+    let row: UserRow | undefined;
+    try {
+      row = await users.updateUser(db, id, patch);
+    } catch (err) {
+      // Two admins linking one subject at once: the unique index decides, the loser gets 409.
+      if (!isUniqueViolation(err) || !input.sso_subject) throw err;
+      const holder = await users.findUserBySsoSubject(db, input.sso_subject);
+      throw conflict('Another user is linked to this SSO subject.', { existing_id: holder?.id ?? null });
+    }
     if (!row) throw notFound('User');
     return this.respond(row);
   }
