@@ -11,6 +11,7 @@ COPY tsconfig.json tsconfig.build.json ./
 COPY src ./src
 COPY db ./db
 COPY openapi ./openapi
+COPY public ./public
 RUN npm run build && npm prune --omit=dev
 
 # Run: production dependencies and the built output only, as the unprivileged `node` user.
@@ -24,6 +25,7 @@ COPY --from=build /app/package.json ./package.json
 COPY --from=build /app/node_modules ./node_modules
 COPY --from=build /app/dist ./dist
 COPY --from=build /app/openapi ./openapi
+COPY --from=build /app/public ./public
 RUN install -d -m 0700 -o node -g node /data
 USER node
 VOLUME /data

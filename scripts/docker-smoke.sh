@@ -41,10 +41,10 @@ done
 [[ -f "$DOCKERFILE" ]] || fail "no Dockerfile at $DOCKERFILE"
 
 # --- build stage -------------------------------------------------------------------------------------
-# The same files the build stage COPYs (package*.json, tsconfigs, src, db, openapi), nothing else.
+# The same files the build stage COPYs (package*.json, tsconfigs, src, db, openapi, public), nothing else.
 say "build stage in $BUILD"
 mkdir -p "$BUILD"
-for item in package.json package-lock.json tsconfig.json tsconfig.build.json src db openapi; do
+for item in package.json package-lock.json tsconfig.json tsconfig.build.json src db openapi public; do
   [[ -e "$ROOT/$item" ]] || fail "$item is missing from the repository"
   cp -R "$ROOT/$item" "$BUILD/$item"
 done
@@ -60,7 +60,7 @@ done
 # Only what the final stage copies from the build stage.
 say "runtime stage in $APP"
 mkdir -p "$APP"
-for item in package.json node_modules dist openapi; do
+for item in package.json node_modules dist openapi public; do
   cp -R "$BUILD/$item" "$APP/$item"
 done
 
@@ -134,7 +134,9 @@ status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz"
 [[ "$status" == "200" ]] || fail "/readyz answered $status, expected 200"
 status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/openapi.json" || true)"
 [[ "$status" == "200" ]] || fail "/openapi.json answered $status, expected 200 (is openapi/ copied?)"
-say "/readyz 200, /openapi.json 200"
+status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/sso/" || true)"
+[[ "$status" == "200" ]] || fail "/sso/ answered $status, expected 200 (is public/ copied?)"
+say "/readyz 200, /openapi.json 200, /sso/ 200"
 
 # The Dockerfile's own HEALTHCHECK command (exec form, JSON array after CMD), run as the image would:
 # in the app dir with the container's environment.

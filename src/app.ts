@@ -17,6 +17,7 @@ import { BotsService } from './bots/bots.service';
 import { forwardAuthHandlers } from './forward-auth/forward-auth.routes';
 import { createLogger, type Logger } from './logger';
 import { requireSso } from './sso/sso-auth';
+import { ssoPageRouter } from './sso/sso-page';
 import { ssoHandlers } from './sso/sso.routes';
 import { SsoService } from './sso/sso.service';
 import { meHandlers } from './me/me.routes';
@@ -120,6 +121,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   );
   app.use(router);
   app.use(docsRouter(doc));
+  app.use(ssoPageRouter());
   // Only once start-up can no longer throw: a failed createApp leaves no timer behind.
   lastUse.start();
   bots.start();

@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { adminClient, forwardAuthDocBlock, freePort, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
+import { adminClient, forwardAuthDocBlock, freePort, keywardEnv, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
 import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
@@ -26,16 +26,7 @@ beforeAll(async () => {
   assertBuilt();
   if (!existsSync(CADDY)) throw new Error(`${CADDY} is missing: apt-get install -y caddy (.ci/run does this)`);
   const dir = makeTempDir('caddy');
-  keyward = await startServer({
-    env: {
-      ADMIN_API_TOKEN: ADMIN_KEY,
-      DATABASE_PATH: join(dir, 'keyward.db'),
-      BCRYPT_ROUNDS: '4',
-      PORT: '0',
-      HOST: '127.0.0.1',
-      TRUST_PROXY: 'loopback',
-    },
-  });
+  keyward = await startServer({ env: keywardEnv(dir, ADMIN_KEY, { TRUST_PROXY: 'loopback' }) });
   admin = adminClient(keyward.baseUrl, ADMIN_KEY);
   upstream = await startUpstream();
   const port = await freePort();

@@ -1,8 +1,8 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { adminClient, forwardAuthDocBlock, freePort, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
+import { adminClient, forwardAuthDocBlock, freePort, keywardEnv, startNginx, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
 import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
@@ -10,7 +10,6 @@ import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, 
  * front of a real keyward server and a small upstream that reports what reached it.
  */
 
-const NGINX = '/usr/sbin/nginx';
 const ADMIN_KEY = randomBytes(32).toString('hex');
 
 let keyward: ServerProcess;
@@ -18,25 +17,15 @@ let admin: ReturnType<typeof adminClient>;
 let upstream: Upstream;
 let reached: Upstream['reached'];
 let nginx: ChildProcess;
-let nginxLog = '';
+let nginxLog: () => string;
 let proxyBase: string;
 
 
 beforeAll(async () => {
   assertBuilt();
-  if (!existsSync(NGINX)) throw new Error(`${NGINX} is missing: apt-get install -y nginx-light (.ci/run does this)`);
   const dir = makeTempDir('nginx');
-  keyward = await startServer({
-    env: {
-      ADMIN_API_TOKEN: ADMIN_KEY,
-      DATABASE_PATH: join(dir, 'keyward.db'),
-      BCRYPT_ROUNDS: '4',
-      PORT: '0',
-      HOST: '127.0.0.1',
-      // nginx connects from loopback and sends the client's address in X-Forwarded-For.
-      TRUST_PROXY: 'loopback',
-    },
-  });
+  // nginx connects from loopback and sends the client's address in X-Forwarded-For.
+  keyward = await startServer({ env: keywardEnv(dir, ADMIN_KEY, { TRUST_PROXY: 'loopback' }) });
 
   admin = adminClient(keyward.baseUrl, ADMIN_KEY);
   upstream = await startUpstream();
@@ -52,28 +41,11 @@ beforeAll(async () => {
     .replaceAll('include keyward-identity.conf;', `include ${join(dir, 'keyward-identity.conf')};`);
   writeFileSync(join(dir, 'keyward-verify.conf'), forwardAuthDocBlock('nginx', 'nginx-verify'));
   writeFileSync(join(dir, 'keyward-identity.conf'), forwardAuthDocBlock('nginx', 'nginx-identity'));
-  for (const sub of ['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi']) mkdirSync(join(dir, sub), { recursive: true });
-  const conf = join(dir, 'nginx.conf');
-  writeFileSync(
-    conf,
-    [
-      'daemon off;',
-      'worker_processes 1;',
-      `pid ${join(dir, 'nginx.pid')};`,
-      `error_log ${join(dir, 'error.log')} warn;`,
-      'events { worker_connections 64; }',
-      'http {',
-      '  access_log off;',
-      ...['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'].map((sub) => `  ${sub === 'body' ? 'client_body' : sub}_temp_path ${join(dir, sub)};`),
-      site,
-      '}',
-    ].join('\n'),
-  );
-  nginx = spawn(NGINX, ['-p', dir, '-c', conf, '-e', join(dir, 'error.log')], { stdio: ['ignore', 'pipe', 'pipe'] });
-  nginx.stdout?.on('data', (d) => (nginxLog += d));
-  nginx.stderr?.on('data', (d) => (nginxLog += d));
+  const started = startNginx(dir, site);
+  nginx = started.child;
+  nginxLog = started.log;
   proxyBase = `http://127.0.0.1:${nginxPort}`;
-  await waitForHttp(proxyBase + '/', () => nginxLog);
+  await waitForHttp(proxyBase + '/', nginxLog);
 }, 30_000);
 
 afterAll(async () => {

@@ -1,6 +1,7 @@
-import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { parse } from 'yaml';
+import { findProjectPath } from '../project-files';
 
 /**
  * openapi/openapi.yaml is the contract and also the routing table: every operation in it is mounted
@@ -51,13 +52,8 @@ export const SECURITY_SCHEMES: Record<string, Exclude<AuthKind, 'none'>> = {
 
 const METHODS = ['get', 'post', 'put', 'patch', 'delete'] as const;
 
-/** Found by walking up from this file, so it works from src/ under jest and from dist/src/ alike. */
 export function findSpecFile(start = __dirname): string {
-  for (let dir = start; ; dir = dirname(dir)) {
-    const candidate = join(dir, 'openapi', 'openapi.yaml');
-    if (existsSync(candidate)) return candidate;
-    if (dirname(dir) === dir) throw new Error(`openapi/openapi.yaml was not found above ${start}`);
-  }
+  return findProjectPath(join('openapi', 'openapi.yaml'), start);
 }
 
 let cached: OpenApiDocument | undefined;

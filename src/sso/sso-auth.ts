@@ -21,6 +21,21 @@ const header = (req: Request, name: string): string | undefined => {
 };
 
 /**
+ * Whether a browser's Origin names this host. A proxy that forwards `Host` without its port (nginx's
+ * `$host`) leaves only the hostname to compare; the custom header above is the main defence anyway.
+ */
+function sameHost(origin: string, host: string): boolean {
+  let url: URL;
+  try {
+    url = new URL(origin);
+  } catch {
+    return false;
+  }
+  const hasPort = /:\d+$/.test(host) && !host.endsWith(']');
+  return hasPort ? url.host === host : url.host === host || url.hostname === host.replace(/^\[|\]$/g, '');
+}
+
+/**
  * Requests that change something must come from keyward's own page: a page on another site cannot
  * send a custom header without a CORS preflight keyward never approves, and browsers name the page's
  * origin, which must be this host. The proxy's sign-in cookie rides along with any cross-site request,
@@ -32,16 +47,8 @@ function checkSameOrigin(req: Request): void {
     throw new AppError(403, 'CSRF_CHECK_FAILED', 'Changes need the X-Keyward-CSRF: 1 header, which only keyward\'s own page sends.');
   }
   const origin = req.headers.origin;
-  if (origin !== undefined) {
-    let host: string | undefined;
-    try {
-      host = new URL(origin).host;
-    } catch {
-      host = undefined;
-    }
-    if (host === undefined || host !== req.headers.host) {
-      throw new AppError(403, 'CSRF_CHECK_FAILED', 'This request comes from another site\'s page.');
-    }
+  if (origin !== undefined && !sameHost(origin, req.headers.host ?? '')) {
+    throw new AppError(403, 'CSRF_CHECK_FAILED', 'This request comes from another site\'s page.');
   }
 }
 

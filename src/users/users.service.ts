@@ -1,7 +1,7 @@
 import { isUniqueViolation, type Db, writeTransaction } from '../../db/database';
 import type { UserRow, UserUpdate } from '../../db/schema';
 import { type Clock, isoNow } from '../clock';
-import { conflict, notFound, validationError } from '../http/errors';
+import { conflict, notFound } from '../http/errors';
 import { boundedJson } from '../http/json-limits';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
 import { endLeasesOfUser } from '../bots/bots.repository';

@@ -1,6 +1,6 @@
-import type { ChildProcess } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import { createServer as createNetServer } from 'node:net';
 import { join } from 'node:path';
@@ -93,4 +93,48 @@ export async function stopProcess(child: ChildProcess | undefined, signal: NodeJ
   const exited = new Promise((resolve) => child.once('exit', resolve));
   child.kill(signal);
   await exited;
+}
+
+export const NGINX = '/usr/sbin/nginx';
+
+export interface Nginx {
+  child: ChildProcess;
+  /** Everything nginx printed so far (for failure messages). */
+  log(): string;
+}
+
+/**
+ * Real nginx in the foreground, everything (pid, logs, temp files) in `dir`, serving `httpBlock`
+ * (server blocks and the like) inside its http context.
+ */
+export function startNginx(dir: string, httpBlock: string): Nginx {
+  if (!existsSync(NGINX)) throw new Error(`${NGINX} is missing: apt-get install -y nginx-light (.ci/run does this)`);
+  const temp = ['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'];
+  for (const sub of temp) mkdirSync(join(dir, sub), { recursive: true });
+  const conf = join(dir, 'nginx.conf');
+  writeFileSync(
+    conf,
+    [
+      'daemon off;',
+      'worker_processes 1;',
+      `pid ${join(dir, 'nginx.pid')};`,
+      `error_log ${join(dir, 'error.log')} warn;`,
+      'events { worker_connections 64; }',
+      'http {',
+      '  access_log off;',
+      ...temp.map((sub) => `  ${sub === 'body' ? 'client_body' : sub}_temp_path ${join(dir, sub)};`),
+      httpBlock,
+      '}',
+    ].join('\n'),
+  );
+  let output = '';
+  const child = spawn(NGINX, ['-p', dir, '-c', conf, '-e', join(dir, 'error.log')], { stdio: ['ignore', 'pipe', 'pipe'] });
+  child.stdout?.on('data', (d) => (output += d));
+  child.stderr?.on('data', (d) => (output += d));
+  return { child, log: () => output };
+}
+
+/** The environment of a keyward server process in gateway tests: a database in `dir`, cheap bcrypt. */
+export function keywardEnv(dir: string, adminKey: string, extra: Record<string, string>): Record<string, string> {
+  return { ADMIN_API_TOKEN: adminKey, DATABASE_PATH: join(dir, 'keyward.db'), BCRYPT_ROUNDS: '4', PORT: '0', HOST: '127.0.0.1', ...extra };
 }
