@@ -147,13 +147,8 @@ export class UsersService {
     if (input.name !== undefined) patch.name = input.name;
     if (input.max_concurrent_bots !== undefined) patch.max_concurrent_bots = input.max_concurrent_bots;
     if (input.rate_limit_per_minute !== undefined) patch.rate_limit_per_minute = input.rate_limit_per_minute;
-    if (input.sso_subject !== undefined) {
-      patch.sso_subject = input.sso_subject;
-      if (input.sso_subject !== null) {
-        const holder = await users.findUserBySsoSubject(db, input.sso_subject);
-        if (holder && holder.id !== id) throw conflict('Another user is linked to this SSO subject.', { existing_id: holder.id });
-      }
-    }
+    // A subject another user holds is refused by its unique index (below), the one check for it.
+    if (input.sso_subject !== undefined) patch.sso_subject = input.sso_subject;
     if (input.data !== undefined) patch.data = serializeData(input.data);
     // Disabling keeps the first time it happened; enabling clears it.
     if (input.disabled === true && current.disabled_at === null) patch.disabled_at = now;
@@ -162,7 +157,7 @@ export class UsersService {
     try {
       row = await users.updateUser(db, id, patch);
     } catch (err) {
-      // Two admins linking one subject at once: the unique index decides, the loser gets 409.
+      // Linking a subject another user holds, also when two admins do it at once.
       if (!isUniqueViolation(err) || !input.sso_subject) throw err;
       const holder = await users.findUserBySsoSubject(db, input.sso_subject);
       throw conflict('Another user is linked to this SSO subject.', { existing_id: holder?.id ?? null });
