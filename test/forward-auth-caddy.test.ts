@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { adminClient, forwardAuthDocBlock, freePort, keywardEnv, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
+import { adminClient, docBlock, freePort, keywardEnv, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
 import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
@@ -30,7 +30,7 @@ beforeAll(async () => {
   admin = adminClient(keyward.baseUrl, ADMIN_KEY);
   upstream = await startUpstream();
   const port = await freePort();
-  const site = forwardAuthDocBlock('caddy', 'caddy')
+  const site = docBlock('README.md', 'caddy', 'caddy')
     .replace('example.com {', `http://127.0.0.1:${port} {`)
     .replaceAll('keyward:8056', `127.0.0.1:${keyward.port}`)
     .replaceAll('my-service:9000', `127.0.0.1:${upstream.port}`);

@@ -2,7 +2,7 @@ import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { adminClient, forwardAuthDocBlock, freePort, keywardEnv, startNginx, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
+import { adminClient, docBlock, freePort, keywardEnv, startNginx, startUpstream, stopProcess, type Upstream, waitForHttp } from './helpers/gateway';
 import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
@@ -33,14 +33,14 @@ beforeAll(async () => {
   const upstreamPort = upstream.port;
   const nginxPort = await freePort();
 
-  const site = forwardAuthDocBlock('nginx', 'nginx')
+  const site = docBlock('docs/forward-auth.md', 'nginx', 'nginx')
     .replace('listen 8080;', `listen 127.0.0.1:${nginxPort};`)
     .replaceAll('127.0.0.1:9000', `127.0.0.1:${upstreamPort}`)
     .replaceAll('127.0.0.1:8056', `127.0.0.1:${keyward.port}`)
     .replaceAll('include keyward-verify.conf;', `include ${join(dir, 'keyward-verify.conf')};`)
     .replaceAll('include keyward-identity.conf;', `include ${join(dir, 'keyward-identity.conf')};`);
-  writeFileSync(join(dir, 'keyward-verify.conf'), forwardAuthDocBlock('nginx', 'nginx-verify'));
-  writeFileSync(join(dir, 'keyward-identity.conf'), forwardAuthDocBlock('nginx', 'nginx-identity'));
+  writeFileSync(join(dir, 'keyward-verify.conf'), docBlock('docs/forward-auth.md', 'nginx', 'nginx-verify'));
+  writeFileSync(join(dir, 'keyward-identity.conf'), docBlock('docs/forward-auth.md', 'nginx', 'nginx-identity'));
   const started = startNginx(dir, site);
   nginx = started.child;
   nginxLog = started.log;

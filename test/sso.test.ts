@@ -201,6 +201,19 @@ describe('whose identity headers are believed', () => {
     expect(await allUsers(ctx)).toHaveLength(1);
   });
 
+  test('an email header that is not an email address is 401 and provisions, links or matches nothing', async () => {
+    const ctx = await app({ ...TRUSTED, SSO_AUTO_PROVISION: 'on' });
+    await aliceWithKey(ctx);
+    for (const email of ['alice', 'alice@', '@example.com', 'alice@example.com, mallory@example.com', 'alice smith@example.com', `${'a'.repeat(250)}@example.com`]) {
+      const res = await get(ctx, '/sso/me', { ...ALICE, email });
+      expectError(res, 401, 'AUTHENTICATION_REQUIRED');
+      expect(res.body.error.message).toMatch(/not an email address/);
+    }
+    const users = await allUsers(ctx);
+    expect(users).toHaveLength(1);
+    expect(users[0]!.email).toBe(ALICE.email);
+  });
+
   test('SSO_HEADER_PREFIX=X-Auth-Request- reads the X-Auth-Request-* headers and ignores X-Forwarded-*', async () => {
     const ctx = await app({ ...TRUSTED, SSO_HEADER_PREFIX: 'X-Auth-Request-' });
     const { user } = await aliceWithKey(ctx);

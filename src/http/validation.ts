@@ -1,5 +1,6 @@
 import Ajv2020, { type ErrorObject, type ValidateFunction } from 'ajv/dist/2020';
 import addFormats from 'ajv-formats';
+import { fullFormats } from 'ajv-formats/dist/formats';
 import type { JsonSchema, OperationSpec, ParameterSpec } from '../openapi/spec';
 import { type FieldProblem, validationError } from './errors';
 
@@ -22,6 +23,11 @@ function makeAjv(forStrings: boolean): Ajv2020 {
   addFormats(ajv, ['email', 'date-time', 'uri']);
   ajv.addKeyword('example');
   return ajv;
+}
+
+/** The email rule the API's `format: email` (and `maxLength: 254`) applies, for emails that arrive outside a body. */
+export function isEmail(text: string): boolean {
+  return text.length <= 254 && (fullFormats.email as RegExp).test(text);
 }
 
 const stringsAjv = makeAjv(true);

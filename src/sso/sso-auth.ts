@@ -3,6 +3,7 @@ import type { Request, Response } from 'express';
 import type { Config } from '../config';
 import { AppError } from '../http/errors';
 import type { Guard } from '../http/operations';
+import { isEmail } from '../http/validation';
 import type { RateLimits } from '../rate-limit/rate-limits';
 import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 import type { SsoService, SsoIdentity, SsoUser } from './sso.service';
@@ -75,6 +76,8 @@ export function requireSso(config: Config, sso: SsoService, limits: RateLimits):
     checkSameOrigin(req);
     const email = header(req, `${prefix}Email`);
     if (email === undefined) throw signIn('The sign-in proxy sent no email for you; sign in again.');
+    // Users are matched and provisioned by email, and domains are allowed by what follows the @.
+    if (!isEmail(email)) throw signIn('The sign-in proxy sent something that is not an email address as your email; ask the admin to check its configuration.');
     const identity: SsoIdentity = {
       email,
       subject: header(req, `${prefix}User`) ?? email,

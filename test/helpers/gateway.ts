@@ -8,14 +8,13 @@ import { REPO_ROOT } from './server-process';
 
 /** What the end-to-end gateway tests need besides keyward: the documented config and an upstream. */
 
-const FORWARD_AUTH_DOC = readFileSync(join(REPO_ROOT, 'docs', 'forward-auth.md'), 'utf8');
-
-/** The fenced `lang` block between `<!-- name:start -->` and `<!-- name:end -->` in docs/forward-auth.md. */
-export function forwardAuthDocBlock(lang: string, name: string): string {
-  const start = FORWARD_AUTH_DOC.indexOf(`<!-- ${name}:start -->`);
-  const end = FORWARD_AUTH_DOC.indexOf(`<!-- ${name}:end -->`);
-  const match = new RegExp('```' + lang + '\\n([\\s\\S]*?)\\n```').exec(FORWARD_AUTH_DOC.slice(start, end));
-  if (start < 0 || end < start || !match) throw new Error(`docs/forward-auth.md has no ${lang} block between ${name} markers`);
+/** The fenced `lang` block between `<!-- name:start -->` and `<!-- name:end -->` in a doc of the repository. */
+export function docBlock(doc: string, lang: string, name: string): string {
+  const text = readFileSync(join(REPO_ROOT, doc), 'utf8');
+  const start = text.indexOf(`<!-- ${name}:start -->`);
+  const end = text.indexOf(`<!-- ${name}:end -->`);
+  const match = new RegExp('```' + lang + '\\n([\\s\\S]*?)\\n```').exec(text.slice(start, end));
+  if (start < 0 || end < start || !match) throw new Error(`${doc} has no ${lang} block between ${name} markers`);
   return match[1]!;
 }
 
