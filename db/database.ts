@@ -30,6 +30,7 @@ export function openSqlite(path: string): Storage {
   const statements = withStatementCache(sqlite);
   const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: statements }) });
   sqliteStatements.set(db, statements);
+  sqliteHandles.set(db, sqlite);
   return {
     db,
     dialect: 'sqlite',
@@ -63,6 +64,12 @@ function withStatementCache(sqlite: SqliteDatabase.Database) {
 }
 
 const sqliteStatements = new WeakMap<Db, ReturnType<typeof withStatementCache>>();
+const sqliteHandles = new WeakMap<Db, SqliteDatabase.Database>();
+
+/** The SQLite connection under `db`, for SQLite's online backup API; undefined on other dialects. */
+export function sqliteHandle(db: Db): SqliteDatabase.Database | undefined {
+  return sqliteHandles.get(db);
+}
 
 /**
  * A single-row read that runs on every request (the credential lookup). On SQLite the compiled query

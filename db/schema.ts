@@ -21,6 +21,8 @@ export interface UsersTable {
   rate_limit_per_minute: Generated<number>;
   /** The person's subject at the identity provider (SSO), unique; NULL when not linked. */
   sso_subject: string | null;
+  /** Balance spent by bot starts when CREDITS_PER_BOT is set; never negative. */
+  credits: Generated<number>;
 }
 
 export interface TokensTable {
@@ -72,10 +74,40 @@ export interface BotsTable {
   ended_by: 'user' | 'admin' | 'expiry' | null;
 }
 
+/** One entry of the append-only audit log, written in the transaction of the change it describes. */
+export interface AuditEventsTable {
+  id: Generated<number>;
+  at: string;
+  actor_type: 'admin' | 'key' | 'sso' | 'anonymous' | 'system';
+  actor_id: string;
+  actor_user_id: number | null;
+  actor_token_id: number | null;
+  actor_email: string | null;
+  action: string;
+  target_type: string | null;
+  target_id: string | null;
+  target_user_id: number | null;
+  ip: string | null;
+  request_id: string | null;
+  /** JSON text. */
+  details: string | null;
+}
+
+/** Requests (per token) and bot time (token_id 0: the user's) per UTC day. */
+export interface UsageDailyTable {
+  day: string;
+  user_id: number;
+  token_id: number;
+  requests: Generated<number>;
+  bot_seconds: Generated<number>;
+}
+
 export interface Database {
   users: UsersTable;
   tokens: TokensTable;
   bots: BotsTable;
+  audit_events: AuditEventsTable;
+  usage_daily: UsageDailyTable;
 }
 
 export type UserRow = Selectable<UsersTable>;
@@ -86,3 +118,5 @@ export type NewTokenRow = Insertable<TokensTable>;
 export type TokenUpdate = Updateable<TokensTable>;
 export type BotRow = Selectable<BotsTable>;
 export type NewBotRow = Insertable<BotsTable>;
+export type AuditEventRow = Selectable<AuditEventsTable>;
+export type NewAuditEventRow = Insertable<AuditEventsTable>;

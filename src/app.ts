@@ -16,6 +16,14 @@ import { adminBotsHandlers, botsHandlers } from './bots/bots.routes';
 import { BotsService } from './bots/bots.service';
 import { forwardAuthHandlers } from './forward-auth/forward-auth.routes';
 import { createLogger, type Logger } from './logger';
+import { auditHandlers } from './audit/audit.routes';
+import { backupHandlers } from './backup/backup.routes';
+import { AUTH_FAILURE_CODES, AuditLog } from './audit/audit.service';
+import { creditsHandlers } from './credits/credits.routes';
+import type { RequestObserver } from './http/request-context';
+import { Metrics, metricsHandlers, requireMetrics } from './metrics/metrics';
+import { UsageRecorder, UsageService } from './usage/usage';
+import { usageHandlers } from './usage/usage.routes';
 import { requireSso } from './sso/sso-auth';
 import { ssoPageRouter } from './sso/sso-page';
 import { ssoHandlers } from './sso/sso.routes';
@@ -42,9 +50,14 @@ export interface AppDeps {
 
 export interface KeywardApp extends Express {
   readonly verifier: TokenVerifier;
-  /** Last use of each token, written in batches; server.ts stops it (flushing) before closing the database. */
+  /** Last use of each token, written in batches. */
   readonly lastUse: LastUseRecorder;
+  /** Requests per token and day, written in batches. */
+  readonly usage: UsageRecorder;
   readonly bots: BotsService;
+  readonly audit: AuditLog;
+  /** Stops the timers and writes what is pending (last use, usage, failed sign-ins); before the database closes. */
+  stopBackground(): Promise<void>;
 }
 
 /**
@@ -61,7 +74,10 @@ export function createApp(deps: AppDeps): KeywardApp {
   const catalog = scopeCatalog(config.extraScopes);
   const limits = new RateLimits(config);
   const lastUse = new LastUseRecorder({ db, clock, logger });
-  const bots = new BotsService({ db, clock, logger, retentionSeconds: config.botRetentionSeconds });
+  const usageRecorder = new UsageRecorder({ db, clock, logger });
+  const usage = new UsageService({ db, clock, recorder: usageRecorder });
+  const audit = new AuditLog({ db, clock, logger, retentionSeconds: config.auditRetentionSeconds });
+  const bots = new BotsService({ db, clock, logger, retentionSeconds: config.botRetentionSeconds, creditsPerBot: config.creditsPerBot });
   const sso = new SsoService({
     db,
     clock,
@@ -83,16 +99,32 @@ export function createApp(deps: AppDeps): KeywardApp {
     maxLifetimeSeconds: config.maxTokenLifetimeSeconds,
     maxTokensPerUser: config.maxTokensPerUser,
   });
-  const verifier = new TokenVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, cacheSize: config.verifyCacheSize, lastUse });
+  const verifier = new TokenVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, cacheSize: config.verifyCacheSize, lastUse, usage: usageRecorder });
+  const metrics = new Metrics({ db, databasePath: config.databasePath, verifier: verifier.stats, limits, activeBots: () => bots.activeTotal() });
 
   const app = express() as unknown as KeywardApp;
-  Object.defineProperties(app, { verifier: { value: verifier }, lastUse: { value: lastUse }, bots: { value: bots } });
+  const stopBackground = async () => {
+    bots.stop();
+    await Promise.all([lastUse.stop(), usageRecorder.stop(), audit.stop()]);
+  };
+  Object.defineProperties(app, {
+    verifier: { value: verifier },
+    lastUse: { value: lastUse },
+    usage: { value: usageRecorder },
+    bots: { value: bots },
+    audit: { value: audit },
+    stopBackground: { value: stopBackground },
+  });
   app.disable('x-powered-by');
   // API responses are not cacheable resources; skipping ETags also saves hashing every body.
   app.set('etag', false);
   app.set('trust proxy', config.trustProxy);
 
-  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining));
+  // Failed authentication reaches the audit log aggregated (see AuditLog.authFailed), never per attempt.
+  const auditFailures: RequestObserver = (outcome) => {
+    if (outcome.errorCode !== null && AUTH_FAILURE_CODES.has(outcome.errorCode)) audit.authFailed(outcome.ip, outcome.errorCode);
+  };
+  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, [metrics.observe, auditFailures]));
 
   const doc = loadSpec();
   const operations = listOperations(doc);
@@ -116,14 +148,26 @@ export function createApp(deps: AppDeps): KeywardApp {
       ...meHandlers(),
       ...forwardAuthHandlers(),
       ...ssoHandlers(tokens, config.ssoUserScopes),
+      ...auditHandlers(audit),
+      ...usageHandlers(usage, users),
+      ...creditsHandlers(users, config.creditsPerBot),
+      ...metricsHandlers(metrics),
+      ...backupHandlers(db, clock, logger),
     },
-    { admin: requireAdmin(config.adminKeyDigest, limits), user: requireUser(verifier, limits), sso: requireSso(config, sso, limits) },
+    {
+      admin: requireAdmin(config.adminKeyDigest, limits),
+      user: requireUser(verifier, limits),
+      sso: requireSso(config, sso, limits),
+      metrics: requireMetrics(config),
+    },
   );
   app.use(router);
   app.use(docsRouter(doc));
   app.use(ssoPageRouter());
   // Only once start-up can no longer throw: a failed createApp leaves no timer behind.
   lastUse.start();
+  usageRecorder.start();
+  audit.start();
   bots.start();
 
   app.use(() => {

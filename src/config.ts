@@ -43,6 +43,15 @@ export interface Config {
   /** Scopes signed-in people may give their own keys. */
   readonly ssoUserScopes: readonly string[];
   readonly ssoDefaultMaxConcurrentBots: number;
+  /** How long audit entries are kept, in seconds; 0: forever. */
+  readonly auditRetentionSeconds: number;
+  readonly metricsEnabled: boolean;
+  /** sha256 of METRICS_TOKEN, which scrapers must send as a Bearer token; null: not required. */
+  readonly metricsTokenDigest: Buffer | null;
+  /** Addresses/CIDRs that may scrape /metrics; null: any address (only with METRICS_TOKEN). */
+  readonly metricsAllowedIps: readonly string[] | null;
+  /** Credits each bot start spends; 0: bots are free. */
+  readonly creditsPerBot: number;
 }
 
 export class ConfigError extends Error {
@@ -167,6 +176,15 @@ function ssoSecret(raw: string, name: string): Parsed<Buffer | null> {
   return ok(createHash('sha256').update(raw).digest());
 }
 
+function metricsAddresses(raw: string, name: string): Parsed<readonly string[] | null> {
+  if (raw.trim().toLowerCase() === 'any') return ok(null);
+  const entries = list(raw);
+  if (entries.length === 0) return bad(`${name} must name addresses or CIDRs (or be "any", with METRICS_TOKEN set)`);
+  const invalid = entries.filter((e) => !isCidrOrAddress(e));
+  if (invalid.length > 0) return bad(`${name} has entries that are not addresses or CIDRs: ${invalid.join(', ')}`);
+  return ok(Object.freeze(entries));
+}
+
 function onOff(raw: string, name: string): Parsed<boolean> {
   const value = raw.trim().toLowerCase();
   if (['on', 'true', '1', 'yes'].includes(value)) return ok(true);
@@ -241,6 +259,16 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'Scopes signed-in people may give the keys they make for themselves.' },
   { name: 'SSO_DEFAULT_MAX_CONCURRENT_BOTS', key: 'ssoDefaultMaxConcurrentBots', default: '3', parse: integer(0, 100_000),
     doc: 'max_concurrent_bots of users created by SSO_AUTO_PROVISION.' },
+  { name: 'AUDIT_RETENTION', key: 'auditRetentionSeconds', default: '365d', parse: duration(0, 315_360_000),
+    doc: 'How long audit log entries are kept (e.g. 365d); 0 keeps them forever.' },
+  { name: 'METRICS_ENABLED', key: 'metricsEnabled', default: 'on', parse: onOff,
+    doc: 'off: no /metrics endpoint (404).' },
+  { name: 'METRICS_TOKEN', key: 'metricsTokenDigest', default: '', parse: ssoSecret,
+    doc: 'If set (32+ characters), /metrics needs Authorization: Bearer <METRICS_TOKEN>.' },
+  { name: 'METRICS_ALLOWED_IPS', key: 'metricsAllowedIps', default: '127.0.0.0/8, ::1', parse: metricsAddresses,
+    doc: 'Addresses/CIDRs that may read /metrics (as TRUST_PROXY reveals them); any: every address, only with METRICS_TOKEN.' },
+  { name: 'CREDITS_PER_BOT', key: 'creditsPerBot', default: '0', parse: integer(0, 1_000_000),
+    doc: 'Credits each bot start spends from the user\'s balance (402 INSUFFICIENT_CREDITS when short); 0: bots are free.' },
 ];
 
 /** Pure: reads only the given environment, and reports every problem at once. */
@@ -263,6 +291,10 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   const known = ['bots:read', 'bots:write', 'tokens:read', 'tokens:write', ...((values.extraScopes as string[] | undefined) ?? [])];
   const unknownSso = ((values.ssoUserScopes as string[] | undefined) ?? []).filter((scope) => !known.includes(scope));
   if (unknownSso.length > 0) problems.push(`SSO_USER_SCOPES names scopes that are neither built in nor in EXTRA_SCOPES: ${unknownSso.join(', ')}`);
+  // Metrics open to every address must at least need a token.
+  if (values.metricsAllowedIps === null && values.metricsTokenDigest === null && values.metricsEnabled === true) {
+    problems.push('METRICS_ALLOWED_IPS=any needs METRICS_TOKEN: otherwise anyone could read /metrics');
+  }
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(values as unknown as Config);
 }

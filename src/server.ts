@@ -65,10 +65,9 @@ async function main(): Promise<void> {
     force.unref();
     server.close(() => {
       clearTimeout(force);
-      app.bots.stop();
-      // Last-use times recorded since the last flush are written before the database closes.
-      app.lastUse
-        .stop()
+      // Last use, usage and failed sign-ins recorded since the last flush are written before the database closes.
+      app
+        .stopBackground()
         .then(() => storage.close())
         .then(() => {
           logger.info('stopped');

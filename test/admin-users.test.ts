@@ -26,6 +26,7 @@ describe('POST /admin/users', () => {
       max_concurrent_bots: 5,
       active_bots: 0,
       rate_limit_per_minute: 600,
+      credits: 0,
       sso_subject: null,
       data: null,
       disabled: false,

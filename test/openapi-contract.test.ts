@@ -51,7 +51,7 @@ describe('the OpenAPI document', () => {
 
 describe('mounting refuses a contract and handlers that disagree', () => {
   const noop = () => undefined;
-  const auth = { admin: noop as never, user: noop as never, sso: noop as never };
+  const auth = { admin: noop as never, user: noop as never, sso: noop as never, metrics: noop as never };
   const allHandlers = Object.fromEntries(operations.map((op) => [op.operationId, noop]));
 
   test('an operation without a handler stops start-up', () => {
@@ -101,8 +101,11 @@ describe('responses match the documented schemas', () => {
     };
     const documented = raw.responses[String(res.status)];
     expect({ operationId, status: res.status, documented: documented !== undefined }).toEqual({ operationId, status: res.status, documented: true });
-    const schema = documented!.content?.['application/json']?.schema;
-    if (!schema) return expect(res.text).toBe('');
+    const content = documented!.content;
+    if (!content) return expect(res.text).toBe('');
+    const schema = content['application/json']?.schema;
+    // A file or plain text: the documented media type is the one sent.
+    if (!schema) return expect(res.headers['content-type']?.split(';')[0]).toBe(Object.keys(content)[0]);
     const validate = ajv.compile(schema);
     expect({ operationId, valid: validate(res.body), errors: validate.errors ?? null }).toEqual({ operationId, valid: true, errors: null });
   }
@@ -217,6 +220,37 @@ describe('responses match the documented schemas', () => {
       expectDocumented('revokeSsoToken', await request(sso.app).delete('/sso/tokens/999999').set(change));
     } finally {
       await sso.close();
+    }
+  });
+
+  test('for the audit log, usage, credits, backup and metrics, on success and on error', async () => {
+    const user = await createUser(ctx, { credits: 5 });
+    const key = await mintToken(ctx, user.id);
+    const asKey = { 'X-API-Key': key.token };
+    expectDocumented('listAuditEvents', await request(ctx.app).get('/admin/audit?action=token.*&limit=2').set(admin));
+    expectDocumented('listAuditEvents', await request(ctx.app).get('/admin/audit?target=user:x').set(admin));
+    expectDocumented('listAuditEvents', await request(ctx.app).get('/admin/audit'));
+    expectDocumented('listUserAuditEvents', await request(ctx.app).get(`/admin/users/${user.id}/audit`).set(admin));
+    expectDocumented('listUserAuditEvents', await request(ctx.app).get(`/admin/users/${user.id}/audit?since=yesterday`).set(admin));
+    expectDocumented('getUserUsage', await request(ctx.app).get(`/admin/users/${user.id}/usage`).set(admin));
+    expectDocumented('getUserUsage', await request(ctx.app).get('/admin/users/999999/usage').set(admin));
+    expectDocumented('getUserUsage', await request(ctx.app).get(`/admin/users/${user.id}/usage?from=2026-02-01&to=2026-01-01`).set(admin));
+    expectDocumented('getMyUsage', await request(ctx.app).get('/v1/usage').set(asKey));
+    expectDocumented('getMyUsage', await request(ctx.app).get('/v1/usage?from=January').set(asKey));
+    expectDocumented('getMyCredits', await request(ctx.app).get('/v1/credits').set(asKey));
+    expectDocumented('getMyCredits', await request(ctx.app).get('/v1/credits'));
+    expectDocumented('createBackup', await request(ctx.app).post('/admin/backup').set(admin).buffer(true));
+    expectDocumented('createBackup', await request(ctx.app).post('/admin/backup'));
+    expectDocumented('getMetrics', await request(ctx.app).get('/metrics'));
+    expectDocumented('getMetrics', await request(ctx.app).get('/metrics?x=1'));
+    const tokenOnly = await createTestApp({ env: { METRICS_TOKEN: 'm'.repeat(16) + 'etrics-token-0123456789', METRICS_ALLOWED_IPS: 'any' } });
+    const outside = await createTestApp({ env: { METRICS_ALLOWED_IPS: '10.0.0.0/8' } });
+    try {
+      expectDocumented('getMetrics', await request(tokenOnly.app).get('/metrics'));
+      expectDocumented('getMetrics', await request(outside.app).get('/metrics'));
+    } finally {
+      await tokenOnly.close();
+      await outside.close();
     }
   });
 

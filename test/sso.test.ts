@@ -339,6 +339,7 @@ describe('which keyward user a signed-in person is', () => {
         name: 'alice',
         max_concurrent_bots: 7,
         rate_limit_per_minute: 42,
+        credits: 0,
         sso_subject: ALICE.subject,
         data: null,
         disabled: false,

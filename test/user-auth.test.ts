@@ -163,7 +163,7 @@ describe('verification cost and state', () => {
     const { minted } = await setup();
     for (let i = 0; i < 5; i++) expect((await request(ctx.app).get('/v1/me').set('X-API-Key', minted.token)).status).toBe(200);
     expect(hasher.verifyCalls).toBe(1);
-    expect(ctx.app.verifier.stats).toEqual({ bcryptChecks: 1, cacheHits: 4 });
+    expect(ctx.app.verifier.stats).toEqual({ bcryptChecks: 1, cacheHits: 4, cacheMisses: 1 });
 
     await request(ctx.app).delete(`/admin/tokens/${minted.id}`).set(admin).expect(204);
     expectError(await request(ctx.app).get('/v1/me').set('X-API-Key', minted.token), 401, 'API_KEY_REVOKED');

@@ -3,6 +3,7 @@ import * as initial from './20261123-0001-initial';
 import * as tokenLifecycle from './20261123-0002-token-lifecycle';
 import * as botsAndRateLimits from './20261123-0003-bots-and-rate-limits';
 import * as ssoSubject from './20261123-0004-sso-subject';
+import * as auditUsageCredits from './20261123-0005-audit-usage-credits';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -13,6 +14,7 @@ const MIGRATIONS: Record<string, Migration> = {
   '20261123-0002-token-lifecycle': tokenLifecycle,
   '20261123-0003-bots-and-rate-limits': botsAndRateLimits,
   '20261123-0004-sso-subject': ssoSubject,
+  '20261123-0005-audit-usage-credits': auditUsageCredits,
 };
 
 export const migrationProvider: MigrationProvider = {

@@ -1,4 +1,5 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
+import { type Actor, adminFingerprint } from '../audit/audit';
 import { AppError } from '../http/errors';
 import type { Guard } from '../http/operations';
 import type { RateLimits } from '../rate-limit/rate-limits';
@@ -11,6 +12,7 @@ import { clientIpOf } from './user-auth';
  * key but the right one.
  */
 export function requireAdmin(adminKeyDigest: Buffer, limits: RateLimits): Guard {
+  const actor: Actor = { type: 'admin', fingerprint: adminFingerprint(adminKeyDigest) };
   return async (req, res) => {
     const ip = clientIpOf(req);
     await limits.adminRequest(ip, res);
@@ -31,5 +33,6 @@ export function requireAdmin(adminKeyDigest: Buffer, limits: RateLimits): Guard 
       await limits.authFailed(ip);
       throw new AppError(401, 'INVALID_ADMIN_KEY', 'The admin key is not valid.');
     }
+    res.locals.actor = actor;
   };
 }

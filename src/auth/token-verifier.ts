@@ -8,6 +8,7 @@ import type { SecretHasher } from '../tokens/secret-hasher';
 import { parseScopes } from '../tokens/scopes';
 import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 import type { LastUseRecorder } from '../tokens/last-use';
+import type { UsageRecorder } from '../usage/usage';
 import { type Environment, maskToken, type ParsedToken, parseToken } from '../tokens/token-format';
 import { findCredentialBySelector } from '../tokens/tokens.repository';
 
@@ -44,6 +45,7 @@ const sha256 = (value: string): Buffer => createHash('sha256').update(value).dig
 export interface VerifierStats {
   bcryptChecks: number;
   cacheHits: number;
+  cacheMisses: number;
 }
 
 /**
@@ -60,10 +62,10 @@ export class TokenVerifier {
   private readonly failures = new LRUCache<string, number>({ max: 10_000, ttl: FAILED_CHECK_WINDOW_MS, noUpdateTTL: true });
   /** Concurrent first requests with the same token share one bcrypt check. */
   private readonly inflight = new Map<string, Promise<boolean>>();
-  readonly stats: VerifierStats = { bcryptChecks: 0, cacheHits: 0 };
+  readonly stats: VerifierStats = { bcryptChecks: 0, cacheHits: 0, cacheMisses: 0 };
 
   constructor(
-    private readonly deps: { db: Db; clock: Clock; hasher: SecretHasher; tokenPrefix: string; cacheSize: number; lastUse: LastUseRecorder },
+    private readonly deps: { db: Db; clock: Clock; hasher: SecretHasher; tokenPrefix: string; cacheSize: number; lastUse: LastUseRecorder; usage: UsageRecorder },
   ) {
     this.verified = new DigestCache(deps.cacheSize);
   }
@@ -97,6 +99,7 @@ export class TokenVerifier {
     if (known && timingSafeEqual(known, digest)) {
       this.stats.cacheHits++;
     } else {
+      this.stats.cacheMisses++;
       await this.checkSecret(parsed.selector, parsed.secret, row.secret_hash, digest);
       this.verified.set(row.token_id, digest);
     }
@@ -119,6 +122,7 @@ export class TokenVerifier {
       allowedIps = [...allowlist.entries];
     }
     this.deps.lastUse.record(row.token_id, normalizeClientIp(clientIp));
+    this.deps.usage.request(row.user_id, row.token_id);
 
     return {
       user: {

@@ -1,4 +1,5 @@
 import type { Request, Response } from 'express';
+import type { Actor } from '../audit/audit';
 import type { Guard } from '../http/operations';
 import { AppError } from '../http/errors';
 import type { RateLimits } from '../rate-limit/rate-limits';
@@ -58,6 +59,7 @@ export function requireUser(verifier: TokenVerifier, limits: RateLimits): Guard 
     }
     if (!known) await limits.attemptSucceeded(ip);
     res.locals.auth = auth;
+    res.locals.actor = { type: 'key', userId: auth.user.id, tokenId: auth.token.id } satisfies Actor;
     await limits.userRequest(auth.user.id, auth.user.rateLimitPerMinute, res);
     if (op.requiredScope !== null && !auth.token.scopes.includes(op.requiredScope)) throw insufficientScope([op.requiredScope]);
   };

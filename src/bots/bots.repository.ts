@@ -52,6 +52,11 @@ export async function nthLeaseExpiry(db: Db, userId: number, now: string, n: num
 }
 
 /** Active lease counts of several users at once (user listings). */
+export async function countAllActiveLeases(db: Db, now: string): Promise<number> {
+  const row = await db.selectFrom('bots').select((eb) => eb.fn.countAll<number>().as('n')).where('status', '=', 'active').where('expires_at', '>', now).executeTakeFirst();
+  return Number(row?.n ?? 0);
+}
+
 export async function activeCounts(db: Db, userIds: number[], now: string): Promise<Map<number, number>> {
   if (userIds.length === 0) return new Map();
   const rows = await db
@@ -111,15 +116,17 @@ export async function endLease(db: Db, id: number, now: string, by: 'user' | 'ad
  * Releases every active lease of a user (the user is being deleted). Leases that already ran out are
  * marked expired first, so their history says how they really ended.
  */
-export async function endLeasesOfUser(db: Db, userId: number, now: string): Promise<void> {
+/** Returns how many were still running. */
+export async function endLeasesOfUser(db: Db, userId: number, now: string): Promise<number> {
   await expireLeasesOfUser(db, userId, now);
-  await db
+  const result = await db
     .updateTable('bots')
     .set({ status: 'released', ended_at: now, ended_by: 'admin' })
     .where('user_id', '=', userId)
     .where('status', '=', 'active')
     .where('expires_at', '>', now)
-    .execute();
+    .executeTakeFirst();
+  return Number(result.numUpdatedRows);
 }
 
 export interface BotFilter {
@@ -138,13 +145,18 @@ export async function listBots(db: Db, filter: BotFilter, page: PageRequest, now
   return query.orderBy('id').limit(page.limit + 1).execute();
 }
 
-/** The periodic sweep: mark run-out leases, delete finished ones older than the retention. */
-export async function sweepBots(db: Db, now: string, finishedBefore: string): Promise<void> {
+/** The periodic sweep: mark run-out leases; returns the finished ones older than the retention. */
+export async function sweepBots(db: Db, now: string, finishedBefore: string): Promise<BotRow[]> {
   await db
     .updateTable('bots')
     .set((eb) => ({ status: 'expired', ended_at: eb.ref('expires_at'), ended_by: 'expiry' }))
     .where('status', '=', 'active')
     .where('expires_at', '<=', now)
     .execute();
-  await db.deleteFrom('bots').where('status', '!=', 'active').where('ended_at', '<', finishedBefore).execute();
+  return db.selectFrom('bots').selectAll().where('status', '!=', 'active').where('ended_at', '<', finishedBefore).execute();
+}
+
+export async function deleteBots(db: Db, ids: number[]): Promise<void> {
+  // In chunks: SQLite limits how many values one statement binds.
+  for (let i = 0; i < ids.length; i += 500) await db.deleteFrom('bots').where('id', 'in', ids.slice(i, i + 500)).execute();
 }

@@ -1,3 +1,4 @@
+import { auditContextOf } from '../audit/audit';
 import { authOf } from '../auth/user-auth';
 import type { Handler } from '../http/operations';
 import { input } from '../http/operations';
@@ -29,8 +30,8 @@ export function botsHandlers(bots: BotsService): Record<string, Handler> {
       const { params, body } = input(res);
       res.json(await bots.heartbeat(params.id as number, me(res), (body as { ttl_seconds?: number } | undefined)?.ttl_seconds));
     },
-    releaseBot: async (_req, res) => {
-      await bots.release(input(res).params.id as number, me(res));
+    releaseBot: async (req, res) => {
+      await bots.release(input(res).params.id as number, me(res), auditContextOf(req, res));
       res.status(204).end();
     },
   };
@@ -53,8 +54,8 @@ export function adminBotsHandlers(bots: BotsService, users: UsersService): Recor
     getBot: async (_req, res) => {
       res.json(await bots.get(input(res).params.id as number, ADMIN));
     },
-    forceReleaseBot: async (_req, res) => {
-      await bots.release(input(res).params.id as number, ADMIN);
+    forceReleaseBot: async (req, res) => {
+      await bots.release(input(res).params.id as number, ADMIN, auditContextOf(req, res));
       res.status(204).end();
     },
   };

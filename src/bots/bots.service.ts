@@ -1,6 +1,8 @@
 import { type Db, isUniqueViolation, writeTransaction } from '../../db/database';
 import type { BotRow, BotStatus } from '../../db/schema';
+import { type AuditContext, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
+import { foldBotTime } from '../usage/usage';
 import { AppError, conflict, notFound } from '../http/errors';
 import { boundedJson } from '../http/json-limits';
 import type { Logger } from '../logger';
@@ -77,7 +79,7 @@ export function toBotResponse(row: BotRow, now: string): BotResponse {
 export class BotsService {
   private timer: NodeJS.Timeout | undefined;
 
-  constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger; retentionSeconds: number }) {}
+  constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger; retentionSeconds: number; creditsPerBot: number }) {}
 
   private now(): string {
     return this.deps.clock.now().toISOString();
@@ -98,13 +100,23 @@ export class BotsService {
           const existing = await bots.findActiveForMeeting(trx, userId, input.platform ?? null, input.native_meeting_id, nowIso);
           if (existing) throw meetingTaken(existing.id);
         }
-        // The limit is read inside the transaction: an admin lowering it is seen at once.
-        const limit = (await trx.selectFrom('users').select('max_concurrent_bots').where('id', '=', userId).executeTakeFirst())?.max_concurrent_bots ?? 0;
+        // The limit and balance are read inside the transaction: an admin's change is seen at once.
+        const user = await trx.selectFrom('users').select(['max_concurrent_bots', 'credits']).where('id', '=', userId).executeTakeFirst();
+        const limit = user?.max_concurrent_bots ?? 0;
         const active = await bots.countActiveLeases(trx, userId, nowIso);
         if (active >= limit) {
           // A slot frees up when enough leases have ended to bring the count below the limit.
           const freesAt = limit === 0 ? null : await bots.nthLeaseExpiry(trx, userId, nowIso, active - limit);
           throw limitExceeded(limit, active, freesAt, now);
+        }
+        // Spent only once admission is certain, in the same transaction: a refused start costs nothing.
+        const cost = this.deps.creditsPerBot;
+        if (cost > 0) {
+          const credits = user?.credits ?? 0;
+          if (credits < cost) {
+            throw new AppError(402, 'INSUFFICIENT_CREDITS', `Starting a bot costs ${cost} credits and this user has ${credits}; ask the admin for more.`, { credits, required: cost });
+          }
+          await trx.updateTable('users').set({ credits: credits - cost }).where('id', '=', userId).execute();
         }
         return bots.insertBot(trx, {
           user_id: userId,
@@ -146,9 +158,22 @@ export class BotsService {
   }
 
   /** Idempotent: releasing a finished lease again is not an error, so a runner can simply retry. */
-  async release(id: number, actor: Actor): Promise<void> {
-    await this.find(id, actor);
-    await bots.endLease(this.deps.db, id, this.now(), actor.kind === 'admin' ? 'admin' : 'user');
+  async release(id: number, actor: Actor, audit: AuditContext): Promise<void> {
+    const row = await this.find(id, actor);
+    const now = this.now();
+    if (actor.kind === 'user') {
+      await bots.endLease(this.deps.db, id, now, 'user');
+      return;
+    }
+    // An admin ending someone's bot is an audited event; releasing a finished one again is not.
+    await writeTransaction(this.deps.db, async (trx) => {
+      if (!(await bots.endLease(trx, id, now, 'admin'))) return;
+      await recordAudit(trx, audit, now, {
+        action: 'bot.force_released',
+        target: { type: 'bot', id, userId: row.user_id },
+        details: { platform: row.platform, native_meeting_id: row.native_meeting_id, label: row.label, token_id: row.token_id, created_at: row.created_at },
+      });
+    });
   }
 
   async get(id: number, actor: Actor): Promise<BotResponse> {
@@ -164,6 +189,10 @@ export class BotsService {
     return { limit: user.maxConcurrentBots, active: await bots.countActiveLeases(this.deps.db, user.id, this.now()) };
   }
 
+  async activeTotal(): Promise<number> {
+    return bots.countAllActiveLeases(this.deps.db, this.now());
+  }
+
   async activeCounts(userIds: number[]): Promise<Map<number, number>> {
     return bots.activeCounts(this.deps.db, userIds, this.now());
   }
@@ -175,10 +204,16 @@ export class BotsService {
     return row;
   }
 
+  /** Marks run-out leases and deletes bots finished longer than BOT_RETENTION ago, keeping their minutes in the usage totals. */
   async sweep(): Promise<void> {
     const now = this.deps.clock.now();
     const finishedBefore = new Date(now.getTime() - this.deps.retentionSeconds * 1000).toISOString();
-    await bots.sweepBots(this.deps.db, now.toISOString(), finishedBefore);
+    await writeTransaction(this.deps.db, async (trx) => {
+      const old = await bots.sweepBots(trx, now.toISOString(), finishedBefore);
+      if (old.length === 0) return;
+      await foldBotTime(trx, old, now.getTime());
+      await bots.deleteBots(trx, old.map((b) => b.id));
+    });
   }
 
   start(intervalMs = SWEEP_INTERVAL_MS): void {

@@ -24,7 +24,21 @@ export function loggablePath(req: Request, res: Response): string {
  * The log line names the operation and its path template, never the query string, a header value or a
  * body, so a credential sent anywhere cannot end up in the log.
  */
-export function requestContext(logger: Logger, headers: Map<string, string>, isDraining: () => boolean) {
+/** What a finished request tells the features that watch them (metrics, the audit of failed sign-ins). */
+export interface RequestOutcome {
+  /** The operation's path template (`/admin/users/{id}`), or null for a path that matched none. */
+  route: string | null;
+  method: string;
+  status: number;
+  seconds: number;
+  errorCode: string | null;
+  /** The client's address as TRUST_PROXY reveals it. */
+  ip: string;
+}
+
+export type RequestObserver = (outcome: RequestOutcome) => void;
+
+export function requestContext(logger: Logger, headers: Map<string, string>, isDraining: () => boolean, observers: readonly RequestObserver[] = []) {
   return (req: Request, res: Response, next: NextFunction): void => {
     const started = process.hrtime.bigint();
     const incoming = req.headers['x-request-id'];
@@ -36,19 +50,32 @@ export function requestContext(logger: Logger, headers: Map<string, string>, isD
     res.on('finish', () => {
       const auth = res.locals.auth as { user?: { id: number }; token?: { id: number } } | undefined;
       const status = res.statusCode;
+      const durationMs = Number(process.hrtime.bigint() - started) / 1e6;
+      const errorCode = (res.locals.errorCode as string | undefined) ?? null;
       const entry = {
         request_id: requestId,
         method: req.method,
         path: loggablePath(req, res),
         route: (res.locals.operationId as string | undefined) ?? null,
         status,
-        duration_ms: Number(process.hrtime.bigint() - started) / 1e6,
+        duration_ms: durationMs,
         user_id: auth?.user?.id ?? null,
         token_id: auth?.token?.id ?? null,
-        error_code: (res.locals.errorCode as string | undefined) ?? null,
+        error_code: errorCode,
       };
       if (status >= 500) logger.error(entry, 'request');
       else logger.info(entry, 'request');
+      if (observers.length > 0) {
+        const outcome: RequestOutcome = {
+          route: (res.locals.routePath as string | undefined) ?? null,
+          method: req.method,
+          status,
+          seconds: durationMs / 1000,
+          errorCode,
+          ip: req.ip ?? req.socket.remoteAddress ?? '',
+        };
+        for (const observe of observers) observe(outcome);
+      }
     });
     if (isDraining()) {
       res.setHeader('Connection', 'close');

@@ -20,7 +20,7 @@ function makeAjv(forStrings: boolean): Ajv2020 {
     coerceTypes: forStrings,
     useDefaults: forStrings,
   });
-  addFormats(ajv, ['email', 'date-time', 'uri']);
+  addFormats(ajv, ['email', 'date', 'date-time', 'uri']);
   ajv.addKeyword('example');
   return ajv;
 }

@@ -8,7 +8,7 @@ import { findProjectPath } from '../project-files';
  * with the auth its `security` names and the validation its schemas describe, and nothing else is.
  * So the document users read at /docs cannot drift from what the server does.
  */
-export type AuthKind = 'admin' | 'user' | 'sso' | 'none';
+export type AuthKind = 'admin' | 'user' | 'sso' | 'metrics' | 'none';
 
 export type JsonSchema = Record<string, unknown>;
 
@@ -48,6 +48,7 @@ export const SECURITY_SCHEMES: Record<string, Exclude<AuthKind, 'none'>> = {
   UserApiKey: 'user',
   UserBearer: 'user',
   SsoProxy: 'sso',
+  MetricsToken: 'metrics',
 };
 
 const METHODS = ['get', 'post', 'put', 'patch', 'delete'] as const;
@@ -132,7 +133,9 @@ export function listOperations(doc: OpenApiDocument): OperationSpec[] {
           ? 'admin'
           : path.startsWith('/sso/')
             ? 'sso'
-            : undefined;
+            : path === '/metrics'
+              ? 'metrics'
+              : undefined;
       if (expected !== undefined && auth !== expected) {
         throw new Error(`openapi: ${operationId} is under ${path.split('/')[1]}/ but its security is ${auth === 'none' ? 'open' : auth}`);
       }

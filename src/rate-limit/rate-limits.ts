@@ -37,6 +37,8 @@ export class RateLimits {
   private readonly users = counter();
   private readonly admin = counter();
   private readonly failures = counter();
+  /** Requests refused by each limit since start, for /metrics. */
+  readonly rejections = { user: 0, admin: 0, auth_failures: 0 };
 
   constructor(private readonly config: { authFailuresPerMinute: number; adminRateLimitPerMinute: number }) {}
 
@@ -50,6 +52,7 @@ export class RateLimits {
     const window = await this.count(this.users, String(userId));
     setHeaders(res, limit, window);
     if (window.consumed > limit) {
+      this.rejections.user++;
       throw rateLimited(`This user may make ${limit} requests a minute; try again in ${window.resetSeconds} s.`, window, { limit });
     }
   }
@@ -60,6 +63,7 @@ export class RateLimits {
     const window = await this.count(this.admin, clientNetwork(ip));
     setHeaders(res, limit, window);
     if (window.consumed > limit) {
+      this.rejections.admin++;
       throw rateLimited(`The admin API takes ${limit} requests a minute from one address; try again in ${window.resetSeconds} s.`, window, { limit });
     }
   }
@@ -77,6 +81,7 @@ export class RateLimits {
   async reserveAttempt(ip: string): Promise<AppError | undefined> {
     const res = await this.failures.consume(clientNetwork(ip));
     if (res.consumedPoints <= this.config.authFailuresPerMinute) return undefined;
+    this.rejections.auth_failures++;
     return rateLimited('Too many wrong keys from this address; try again later.', {
       consumed: res.consumedPoints,
       resetSeconds: seconds(res.msBeforeNext),
@@ -94,6 +99,7 @@ export class RateLimits {
   async blocked(ip: string): Promise<AppError | undefined> {
     const res = await this.failures.get(clientNetwork(ip));
     if (!res || res.consumedPoints < this.config.authFailuresPerMinute) return undefined;
+    this.rejections.auth_failures++;
     return rateLimited(
       'Too many wrong keys from this address; try again later.',
       { consumed: res.consumedPoints, resetSeconds: seconds(res.msBeforeNext) },

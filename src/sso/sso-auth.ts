@@ -1,5 +1,6 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { Request, Response } from 'express';
+import { type Actor, auditContextOf } from '../audit/audit';
 import type { Config } from '../config';
 import { AppError } from '../http/errors';
 import type { Guard } from '../http/operations';
@@ -87,9 +88,11 @@ export function requireSso(config: Config, sso: SsoService, limits: RateLimits):
         .map((g) => g.trim())
         .filter((g) => g !== ''),
     };
-    const user = await sso.userFor(identity);
+    const { ip, requestId } = auditContextOf(req, res);
+    const user = await sso.userFor(identity, { ip, requestId });
     const context: SsoContext = { user, identity };
     res.locals.sso = context;
+    res.locals.actor = { type: 'sso', userId: user.id, subject: identity.subject, email: identity.email } satisfies Actor;
     // Logs name the user like any other authenticated request.
     res.locals.auth = { user: { id: user.id } };
     await limits.userRequest(user.id, user.rate_limit_per_minute, res);

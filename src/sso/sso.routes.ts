@@ -1,3 +1,4 @@
+import { auditContextOf } from '../audit/audit';
 import type { Handler } from '../http/operations';
 import { input } from '../http/operations';
 import { pageRequest } from '../http/pagination';
@@ -23,19 +24,19 @@ export function ssoHandlers(tokens: TokensService, ssoUserScopes: readonly strin
     listSsoTokens: async (_req, res) => {
       res.json(await tokens.list({ userId: ssoOf(res).user.id }, pageRequest(input(res).query)));
     },
-    mintSsoToken: async (_req, res) => {
+    mintSsoToken: async (req, res) => {
       const context = ssoOf(res);
-      const minted = await tokens.mint(context.user.id, (input(res).body ?? {}) as MintInput, issuerOf(context, ssoUserScopes));
+      const minted = await tokens.mint(context.user.id, (input(res).body ?? {}) as MintInput, issuerOf(context, ssoUserScopes), auditContextOf(req, res));
       res.status(201).location(`/sso/tokens/${minted.id}`).json(minted);
     },
-    rotateSsoToken: async (_req, res) => {
+    rotateSsoToken: async (req, res) => {
       const { params, body } = input(res);
       const grace = (body as { grace_period_seconds?: number } | undefined)?.grace_period_seconds;
-      const minted = await tokens.rotate(params.id as number, grace, issuerOf(ssoOf(res), ssoUserScopes));
+      const minted = await tokens.rotate(params.id as number, grace, issuerOf(ssoOf(res), ssoUserScopes), auditContextOf(req, res));
       res.status(201).location(`/sso/tokens/${minted.id}`).json(minted);
     },
-    revokeSsoToken: async (_req, res) => {
-      await tokens.revoke(input(res).params.id as number, issuerOf(ssoOf(res), ssoUserScopes));
+    revokeSsoToken: async (req, res) => {
+      await tokens.revoke(input(res).params.id as number, issuerOf(ssoOf(res), ssoUserScopes), auditContextOf(req, res));
       res.status(204).end();
     },
   };

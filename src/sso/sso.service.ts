@@ -1,5 +1,6 @@
-import { type Db, isUniqueViolation } from '../../db/database';
+import { type Db, isUniqueViolation, writeTransaction } from '../../db/database';
 import type { UserRow } from '../../db/schema';
+import { type AuditContext, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
 import { AppError } from '../http/errors';
 import * as users from '../users/users.repository';
@@ -21,6 +22,11 @@ const denied = (message: string) => new AppError(403, 'SSO_ACCESS_DENIED', messa
  * linking the subject on first sign-in), then, with SSO_AUTO_PROVISION, a new user. Domain and group
  * restrictions apply to every sign-in, not only the first.
  */
+const auditAs = (identity: SsoIdentity, userId: number, request: { ip: string | null; requestId: string | null }): AuditContext => ({
+  actor: { type: 'sso', userId, subject: identity.subject, email: identity.email },
+  ...request,
+});
+
 export class SsoService {
   constructor(
     private readonly deps: {
@@ -34,7 +40,8 @@ export class SsoService {
     },
   ) {}
 
-  async userFor(identity: SsoIdentity): Promise<SsoUser> {
+  /** `request` is where the sign-in came from, for the audit entry of a first sign-in that links or creates a user. */
+  async userFor(identity: SsoIdentity, request: { ip: string | null; requestId: string | null }): Promise<SsoUser> {
     const { allowedDomains, allowedGroups } = this.deps;
     const domain = identity.email.split('@').pop()!.toLowerCase();
     if (allowedDomains.length > 0 && !allowedDomains.includes(domain)) {
@@ -44,12 +51,12 @@ export class SsoService {
       throw denied('You are not in a group that may use this server.');
     }
 
-    const user = await this.find(identity);
+    const user = await this.find(identity, request);
     if (user.disabled_at !== null) throw new AppError(403, 'USER_DISABLED', 'Your keyward user is disabled.');
     return user;
   }
 
-  private async find(identity: SsoIdentity, attempt = 1): Promise<SsoUser> {
+  private async find(identity: SsoIdentity, request: { ip: string | null; requestId: string | null }, attempt = 1): Promise<SsoUser> {
     const { db, clock } = this.deps;
     const bySubject = await users.findUserBySsoSubject(db, identity.subject);
     if (bySubject) return bySubject;
@@ -60,16 +67,28 @@ export class SsoService {
         // Same email, different identity: never hand one person's keys to another.
         throw denied('Your email belongs to a keyward user linked to another sign-in identity; ask the admin.');
       }
-      const linked = await users.linkSsoSubject(db, byEmail.id, identity.subject, clock.now().toISOString());
+      const now = clock.now().toISOString();
+      const linked = await writeTransaction(db, async (trx) => {
+        const row = await users.linkSsoSubject(trx, byEmail.id, identity.subject, now);
+        if (row) {
+          await recordAudit(trx, auditAs(identity, row.id, request), now, {
+            action: 'user.sso_linked',
+            target: { type: 'user', id: row.id, userId: row.id },
+            details: { sso_subject: { old: null, new: identity.subject } },
+          });
+        }
+        return row;
+      });
       if (linked) return linked;
       // Linked by someone else meanwhile (this person's other first request, or an admin): look again.
-      if (attempt === 1) return this.find(identity, 2);
+      if (attempt === 1) return this.find(identity, request, 2);
     }
 
     if (!this.deps.autoProvision) throw denied('There is no keyward user for you yet; ask the admin to create one.');
     const now = clock.now().toISOString();
     try {
-      return await users.insertUser(db, {
+      return await writeTransaction(db, async (trx) => {
+        const row = await users.insertUser(trx, {
         email: identity.email,
         email_lower: identity.email.toLowerCase(),
         name: identity.username,
@@ -81,10 +100,17 @@ export class SsoService {
         created_at: now,
         updated_at: now,
         sso_subject: identity.subject,
+        });
+        await recordAudit(trx, auditAs(identity, row.id, request), now, {
+          action: 'user.created',
+          target: { type: 'user', id: row.id, userId: row.id },
+          details: { email: row.email, name: row.name, max_concurrent_bots: row.max_concurrent_bots, rate_limit_per_minute: row.rate_limit_per_minute, sso_subject: row.sso_subject, auto_provisioned: true },
+        });
+        return row;
       });
     } catch (err) {
       // The same person's first two requests at once: the second finds the user the first created.
-      if (isUniqueViolation(err) && attempt === 1) return this.find(identity, 2);
+      if (isUniqueViolation(err) && attempt === 1) return this.find(identity, request, 2);
       throw err;
     }
   }

@@ -88,12 +88,16 @@ export async function markRotated(db: Db, id: number, successorId: number, expir
 }
 
 /** Idempotent: a token already revoked keeps the time it was first revoked. */
-export async function revokeToken(db: Db, id: number, now: string): Promise<void> {
-  await db.updateTable('tokens').set({ revoked_at: now }).where('id', '=', id).where('revoked_at', 'is', null).execute();
+/** False when it was already revoked. */
+export async function revokeToken(db: Db, id: number, now: string): Promise<boolean> {
+  const result = await db.updateTable('tokens').set({ revoked_at: now }).where('id', '=', id).where('revoked_at', 'is', null).executeTakeFirst();
+  return result.numUpdatedRows === 1n;
 }
 
-export async function revokeAllTokensOfUser(db: Db, userId: number, now: string): Promise<void> {
-  await db.updateTable('tokens').set({ revoked_at: now }).where('user_id', '=', userId).where('revoked_at', 'is', null).execute();
+/** Returns how many were still unrevoked. */
+export async function revokeAllTokensOfUser(db: Db, userId: number, now: string): Promise<number> {
+  const result = await db.updateTable('tokens').set({ revoked_at: now }).where('user_id', '=', userId).where('revoked_at', 'is', null).executeTakeFirst();
+  return Number(result.numUpdatedRows);
 }
 
 /** One statement per token, in one transaction: the last-use recorder's periodic flush. */

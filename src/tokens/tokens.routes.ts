@@ -1,17 +1,18 @@
 import { authOf } from '../auth/user-auth';
 import type { AuthContext } from '../auth/token-verifier';
+import { auditContextOf } from '../audit/audit';
 import type { Handler } from '../http/operations';
 import { input } from '../http/operations';
 import { pageRequest } from '../http/pagination';
 import type { TokenFilter } from './tokens.repository';
-import type { Issuer, MintInput, TokensService, UpdateInput } from './tokens.service';
+import { ADMIN, type Issuer, type MintInput, type TokensService, type UpdateInput } from './tokens.service';
 
 /** Admin token management; paths, auth and validation come from openapi.yaml by operationId. */
 export function tokensHandlers(tokens: TokensService): Record<string, Handler> {
   return {
-    mintToken: async (_req, res) => {
+    mintToken: async (req, res) => {
       const { params, body } = input(res);
-      const minted = await tokens.mint(params.id as number, (body ?? {}) as MintInput);
+      const minted = await tokens.mint(params.id as number, (body ?? {}) as MintInput, ADMIN, auditContextOf(req, res));
       res.status(201).location(`/admin/tokens/${minted.id}`).json(minted);
     },
     listUserTokens: async (_req, res) => {
@@ -30,18 +31,18 @@ export function tokensHandlers(tokens: TokensService): Record<string, Handler> {
     getToken: async (_req, res) => {
       res.json(await tokens.get(input(res).params.id as number));
     },
-    updateToken: async (_req, res) => {
+    updateToken: async (req, res) => {
       const { params, body } = input(res);
-      res.json(await tokens.update(params.id as number, body as UpdateInput));
+      res.json(await tokens.update(params.id as number, body as UpdateInput, auditContextOf(req, res)));
     },
-    rotateToken: async (_req, res) => {
+    rotateToken: async (req, res) => {
       const { params, body } = input(res);
       const grace = (body as { grace_period_seconds?: number } | undefined)?.grace_period_seconds;
-      const minted = await tokens.rotate(params.id as number, grace);
+      const minted = await tokens.rotate(params.id as number, grace, ADMIN, auditContextOf(req, res));
       res.status(201).location(`/admin/tokens/${minted.id}`).json(minted);
     },
-    revokeToken: async (_req, res) => {
-      await tokens.revoke(input(res).params.id as number);
+    revokeToken: async (req, res) => {
+      await tokens.revoke(input(res).params.id as number, ADMIN, auditContextOf(req, res));
       res.status(204).end();
     },
   };
@@ -65,22 +66,22 @@ export function selfServiceTokensHandlers(tokens: TokensService): Record<string,
     listMyTokens: async (_req, res) => {
       res.json(await tokens.list({ userId: authOf(res).user.id }, pageRequest(input(res).query)));
     },
-    mintMyToken: async (_req, res) => {
+    mintMyToken: async (req, res) => {
       const auth = authOf(res);
-      const minted = await tokens.mint(auth.user.id, (input(res).body ?? {}) as MintInput, issuerOf(auth));
+      const minted = await tokens.mint(auth.user.id, (input(res).body ?? {}) as MintInput, issuerOf(auth), auditContextOf(req, res));
       res.status(201).location(`/v1/tokens/${minted.id}`).json(minted);
     },
     getMyToken: async (_req, res) => {
       res.json(await tokens.get(input(res).params.id as number, issuerOf(authOf(res))));
     },
-    rotateMyToken: async (_req, res) => {
+    rotateMyToken: async (req, res) => {
       const { params, body } = input(res);
       const grace = (body as { grace_period_seconds?: number } | undefined)?.grace_period_seconds;
-      const minted = await tokens.rotate(params.id as number, grace, issuerOf(authOf(res)));
+      const minted = await tokens.rotate(params.id as number, grace, issuerOf(authOf(res)), auditContextOf(req, res));
       res.status(201).location(`/v1/tokens/${minted.id}`).json(minted);
     },
-    revokeMyToken: async (_req, res) => {
-      await tokens.revoke(input(res).params.id as number, issuerOf(authOf(res)));
+    revokeMyToken: async (req, res) => {
+      await tokens.revoke(input(res).params.id as number, issuerOf(authOf(res)), auditContextOf(req, res));
       res.status(204).end();
     },
   };

@@ -1,5 +1,6 @@
 import { isUniqueViolation, type Db, writeTransaction } from '../../db/database';
 import type { TokenUpdate } from '../../db/schema';
+import { type AuditContext, changes, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
 import { AppError, conflict, type FieldProblem, notFound, validationError } from '../http/errors';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
@@ -80,6 +81,15 @@ export function tokenStatus(row: { revoked_at: string | null; expires_at: string
 
 const parseAllowedIps = (stored: string | null): string[] | null => (stored === null ? null : (JSON.parse(stored) as string[]));
 
+const tokenTarget = (row: TokenMetadataRow) => ({ type: 'token' as const, id: row.id, userId: row.user_id });
+
+/** What an audit entry records of a token: what it may do, never any part of its secret. */
+function auditedFields(row: TokenMetadataRow): Record<string, unknown> {
+  return { name: row.name, scopes: parseScopes(row.scopes), expires_at: row.expires_at, allowed_ips: parseAllowedIps(row.allowed_ips) };
+}
+
+const mintedFacts = (row: TokenMetadataRow) => ({ ...auditedFields(row), environment: row.environment, rotated_from: row.rotated_from });
+
 const problem = (field: string, message: string): FieldProblem => ({ field, in: 'body', message });
 
 /** A date-time the schema accepted but Date cannot hold (a leap second, 23:59:60) is a 400, not a 500. */
@@ -125,7 +135,7 @@ export class TokensService {
     };
   }
 
-  async mint(userId: number, input: MintInput, issuer: Issuer = ADMIN): Promise<MintedTokenResponse> {
+  async mint(userId: number, input: MintInput, issuer: Issuer, audit: AuditContext): Promise<MintedTokenResponse> {
     const { clock, users, maxTokensPerUser } = this.deps;
     await users.requireRow(userId);
     const now = clock.now();
@@ -135,22 +145,28 @@ export class TokensService {
     const expiresAt = this.resolveExpiry(input, now, issuer);
     this.checkWithinIssuer(issuer, scopes, environment);
 
-    return this.insert({ userId, name: input.name ?? null, scopes, environment, allowedIps, now, expiresAt }, async (trx) => {
-      const active = await tokens.countActiveTokensOfUser(trx, userId, now.toISOString());
-      if (active >= maxTokensPerUser) {
-        throw conflict(`This user already has ${active} active tokens, the most MAX_TOKENS_PER_USER allows; revoke one first.`, {
-          limit: maxTokensPerUser,
-          active,
-        });
-      }
-    });
+    return this.insert(
+      { userId, name: input.name ?? null, scopes, environment, allowedIps, now, expiresAt },
+      async (trx) => {
+        const active = await tokens.countActiveTokensOfUser(trx, userId, now.toISOString());
+        if (active >= maxTokensPerUser) {
+          throw conflict(`This user already has ${active} active tokens, the most MAX_TOKENS_PER_USER allows; revoke one first.`, {
+            limit: maxTokensPerUser,
+            active,
+          });
+        }
+      },
+      async (trx, row) => {
+        await recordAudit(trx, audit, row.created_at, { action: 'token.minted', target: tokenTarget(row), details: mintedFacts(row) });
+      },
+    );
   }
 
   /**
    * A new token with the same name, scopes, environment and allowlist, and the same lifetime counted
    * from now; the old one keeps working until the grace period ends (0: it stops now).
    */
-  async rotate(id: number, gracePeriodSeconds: number | undefined, issuer: Issuer = ADMIN): Promise<MintedTokenResponse> {
+  async rotate(id: number, gracePeriodSeconds: number | undefined, issuer: Issuer, audit: AuditContext): Promise<MintedTokenResponse> {
     const { clock, maxLifetimeSeconds } = this.deps;
     const old = await this.find(id, issuer);
     const now = clock.now();
@@ -185,15 +201,20 @@ export class TokensService {
         rotatedFrom: old.id,
       },
       undefined,
-      async (trx, successorId) => {
-        if (!(await tokens.markRotated(trx, old.id, successorId, oldEnds))) {
+      async (trx, successor) => {
+        if (!(await tokens.markRotated(trx, old.id, successor.id, oldEnds))) {
           throw conflict('This token was rotated or revoked at the same moment; list the tokens and try again.');
         }
+        await recordAudit(trx, audit, nowIso, {
+          action: 'token.rotated',
+          target: tokenTarget(old),
+          details: { successor_id: successor.id, grace_period_seconds: grace, expires_at: { old: old.expires_at, new: oldEnds }, successor: mintedFacts(successor) },
+        });
       },
     );
   }
 
-  async update(id: number, input: UpdateInput): Promise<TokenResponse> {
+  async update(id: number, input: UpdateInput, audit: AuditContext): Promise<TokenResponse> {
     const { db, clock, maxLifetimeSeconds } = this.deps;
     const row = await this.find(id, ADMIN);
     const nowIso = clock.now().toISOString();
@@ -208,31 +229,36 @@ export class TokensService {
       throw conflict(`This token was rotated to token ${row.rotated_to}; its grace period cannot be extended.`, { rotated_to: row.rotated_to });
     }
 
-    const changes: TokenUpdate = {};
+    const patch: TokenUpdate = {};
     const problems: FieldProblem[] = [];
-    if (input.name !== undefined) changes.name = input.name;
-    if (input.scopes !== undefined) changes.scopes = serializeScopes(normalizeScopes(input.scopes, this.deps.scopeCatalog));
+    if (input.name !== undefined) patch.name = input.name;
+    if (input.scopes !== undefined) patch.scopes = serializeScopes(normalizeScopes(input.scopes, this.deps.scopeCatalog));
     if (input.allowed_ips !== undefined) {
       const allowed = this.resolveAllowlist(input.allowed_ips, ADMIN);
-      changes.allowed_ips = allowed === null ? null : JSON.stringify(allowed);
+      patch.allowed_ips = allowed === null ? null : JSON.stringify(allowed);
     }
     if (input.expires_at !== undefined) {
       const cap = maxLifetimeSeconds === null ? null : Date.parse(row.created_at) + maxLifetimeSeconds * 1000;
       if (input.expires_at === null) {
         if (cap !== null) problems.push(problem('expires_at', `cannot be removed: MAX_TOKEN_LIFETIME caps tokens at ${maxLifetimeSeconds} seconds`));
-        changes.expires_at = null;
+        patch.expires_at = null;
       } else {
         const at = parseTime('expires_at', input.expires_at);
         if (at <= Date.parse(nowIso)) problems.push(problem('expires_at', 'must be in the future'));
         else if (cap !== null && at > cap) {
           problems.push(problem('expires_at', `must be at most ${new Date(cap).toISOString()} (MAX_TOKEN_LIFETIME after the token was created)`));
         }
-        changes.expires_at = new Date(at).toISOString();
+        patch.expires_at = new Date(at).toISOString();
       }
     }
     if (problems.length > 0) throw validationError(problems);
-    const updated = await tokens.updateToken(db, id, changes);
-    if (!updated) throw notFound('Token');
+    const updated = await writeTransaction(db, async (trx) => {
+      const after = await tokens.updateToken(trx, id, patch);
+      if (!after) throw notFound('Token');
+      const changed = changes(auditedFields(row), auditedFields(after));
+      if (Object.keys(changed).length > 0) await recordAudit(trx, audit, nowIso, { action: 'token.updated', target: tokenTarget(after), details: changed });
+      return after;
+    });
     return this.toResponse(updated, nowIso);
   }
 
@@ -247,9 +273,13 @@ export class TokensService {
   }
 
   /** Recorded, not deleted: the next request with the token is told it was revoked. */
-  async revoke(id: number, issuer: Issuer = ADMIN): Promise<void> {
-    await this.find(id, issuer);
-    await tokens.revokeToken(this.deps.db, id, this.deps.clock.now().toISOString());
+  async revoke(id: number, issuer: Issuer, audit: AuditContext): Promise<void> {
+    const row = await this.find(id, issuer);
+    const now = this.deps.clock.now().toISOString();
+    await writeTransaction(this.deps.db, async (trx) => {
+      // Revoking again changes nothing, and records nothing.
+      if (await tokens.revokeToken(trx, id, now)) await recordAudit(trx, audit, now, { action: 'token.revoked', target: tokenTarget(row) });
+    });
   }
 
   /** A user key asking for another user's token gets the same 404 as for a token that does not exist. */
@@ -324,7 +354,7 @@ export class TokensService {
       rotatedFrom?: number;
     },
     before?: (trx: Parameters<typeof tokens.insertToken>[0]) => Promise<void>,
-    after?: (trx: Parameters<typeof tokens.insertToken>[0], id: number) => Promise<void>,
+    after?: (trx: Parameters<typeof tokens.insertToken>[0], row: TokenMetadataRow) => Promise<void>,
   ): Promise<MintedTokenResponse> {
     const { db, hasher, tokenPrefix } = this.deps;
     // bcrypt runs before the transaction, so no write lock is held while it works.
@@ -349,7 +379,7 @@ export class TokensService {
             allowed_ips: token.allowedIps === null ? null : JSON.stringify(token.allowedIps),
             rotated_from: token.rotatedFrom ?? null,
           });
-          await after?.(trx, inserted.id);
+          await after?.(trx, inserted);
           return inserted;
         });
         return { ...this.toResponse(row, token.now.toISOString()), token: minted.token };

@@ -1,3 +1,4 @@
+import { auditContextOf } from '../audit/audit';
 import type { Handler } from '../http/operations';
 import { input } from '../http/operations';
 import { pageRequest } from '../http/pagination';
@@ -6,8 +7,8 @@ import type { CreateUserInput, UpdateUserInput, UsersService } from './users.ser
 /** Admin user management; paths, auth and validation come from openapi.yaml by operationId. */
 export function usersHandlers(users: UsersService): Record<string, Handler> {
   return {
-    createUser: async (_req, res) => {
-      const user = await users.create(input(res).body as CreateUserInput);
+    createUser: async (req, res) => {
+      const user = await users.create(input(res).body as CreateUserInput, auditContextOf(req, res));
       res.status(201).location(`/admin/users/${user.id}`).json(user);
     },
     listUsers: async (_req, res) => {
@@ -20,12 +21,12 @@ export function usersHandlers(users: UsersService): Record<string, Handler> {
     getUserByEmail: async (_req, res) => {
       res.json(await users.getByEmail(input(res).params.email as string));
     },
-    updateUser: async (_req, res) => {
+    updateUser: async (req, res) => {
       const { params, body } = input(res);
-      res.json(await users.update(params.id as number, body as UpdateUserInput));
+      res.json(await users.update(params.id as number, body as UpdateUserInput, auditContextOf(req, res)));
     },
-    deleteUser: async (_req, res) => {
-      await users.delete(input(res).params.id as number);
+    deleteUser: async (req, res) => {
+      await users.delete(input(res).params.id as number, auditContextOf(req, res));
       res.status(204).end();
     },
   };

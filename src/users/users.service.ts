@@ -1,5 +1,6 @@
 import { isUniqueViolation, type Db, writeTransaction } from '../../db/database';
 import type { UserRow, UserUpdate } from '../../db/schema';
+import { type AuditContext, changes, recordAudit } from '../audit/audit';
 import { type Clock, isoNow } from '../clock';
 import { conflict, notFound } from '../http/errors';
 import { boundedJson } from '../http/json-limits';
@@ -20,6 +21,8 @@ export interface UserResponse {
   /** Bots holding a slot right now. */
   active_bots: number;
   rate_limit_per_minute: number;
+  /** Spent by bot starts when CREDITS_PER_BOT is set. */
+  credits: number;
   /** The linked single sign-on identity, if any. */
   sso_subject: string | null;
   data: Record<string, unknown> | null;
@@ -37,6 +40,7 @@ export function toUserResponse(row: UserRow, activeBots: number): UserResponse {
     max_concurrent_bots: row.max_concurrent_bots,
     active_bots: activeBots,
     rate_limit_per_minute: row.rate_limit_per_minute,
+    credits: row.credits,
     sso_subject: row.sso_subject,
     data: row.data === null ? null : (JSON.parse(row.data) as Record<string, unknown>),
     disabled: row.disabled_at !== null,
@@ -51,6 +55,7 @@ export interface CreateUserInput {
   name?: string | null;
   max_concurrent_bots?: number;
   rate_limit_per_minute?: number;
+  credits?: number;
   data?: Record<string, unknown> | null;
 }
 
@@ -58,12 +63,27 @@ export interface UpdateUserInput {
   name?: string | null;
   max_concurrent_bots?: number;
   rate_limit_per_minute?: number;
+  credits?: number;
   sso_subject?: string | null;
   data?: Record<string, unknown> | null;
   disabled?: boolean;
 }
 
 export const MAX_DATA_DEPTH = 32;
+
+/** What an audit entry records of a user: every field an admin can set, as the API shows it. */
+function auditedFields(row: UserRow): Record<string, unknown> {
+  return {
+    email: row.email,
+    name: row.name,
+    max_concurrent_bots: row.max_concurrent_bots,
+    rate_limit_per_minute: row.rate_limit_per_minute,
+    credits: row.credits,
+    sso_subject: row.sso_subject,
+    data: row.data === null ? null : (JSON.parse(row.data) as unknown),
+    disabled: row.disabled_at !== null,
+  };
+}
 
 const serializeData = (data: Record<string, unknown> | null | undefined) =>
   boundedJson('data', data, { maxBytes: MAX_DATA_BYTES, maxDepth: MAX_DATA_DEPTH });
@@ -84,24 +104,33 @@ export class UsersService {
     return toUserResponse(row, (await this.deps.activeBots([row.id])).get(row.id) ?? 0);
   }
 
-  async create(input: CreateUserInput): Promise<UserResponse> {
+  async create(input: CreateUserInput, audit: AuditContext): Promise<UserResponse> {
     const { db, clock } = this.deps;
     const emailLower = input.email.toLowerCase();
     const data = serializeData(input.data);
     await this.refuseDuplicate(emailLower);
     const now = isoNow(clock);
     try {
-      const row = await users.insertUser(db, {
-        email: input.email,
-        email_lower: emailLower,
-        name: input.name ?? null,
-        max_concurrent_bots: input.max_concurrent_bots ?? DEFAULT_MAX_CONCURRENT_BOTS,
-        rate_limit_per_minute: input.rate_limit_per_minute ?? this.deps.defaultRateLimit,
-        data,
-        disabled_at: null,
-        deleted_at: null,
-        created_at: now,
-        updated_at: now,
+      const row = await writeTransaction(db, async (trx) => {
+        const inserted = await users.insertUser(trx, {
+          email: input.email,
+          email_lower: emailLower,
+          name: input.name ?? null,
+          max_concurrent_bots: input.max_concurrent_bots ?? DEFAULT_MAX_CONCURRENT_BOTS,
+          rate_limit_per_minute: input.rate_limit_per_minute ?? this.deps.defaultRateLimit,
+          credits: input.credits ?? 0,
+          data,
+          disabled_at: null,
+          deleted_at: null,
+          created_at: now,
+          updated_at: now,
+        });
+        await recordAudit(trx, audit, now, {
+          action: 'user.created',
+          target: { type: 'user', id: inserted.id, userId: inserted.id },
+          details: auditedFields(inserted),
+        });
+        return inserted;
       });
       return toUserResponse(row, 0);
     } catch (err) {
@@ -139,30 +168,43 @@ export class UsersService {
     return toPage(rows, page, (row) => toUserResponse(row, active.get(row.id) ?? 0));
   }
 
-  async update(id: number, input: UpdateUserInput): Promise<UserResponse> {
+  async update(id: number, input: UpdateUserInput, audit: AuditContext): Promise<UserResponse> {
     const { db, clock } = this.deps;
-    const current = await this.requireRow(id);
+    const data = input.data === undefined ? undefined : serializeData(input.data);
     const now = isoNow(clock);
-    const patch: UserUpdate = { updated_at: now };
-    if (input.name !== undefined) patch.name = input.name;
-    if (input.max_concurrent_bots !== undefined) patch.max_concurrent_bots = input.max_concurrent_bots;
-    if (input.rate_limit_per_minute !== undefined) patch.rate_limit_per_minute = input.rate_limit_per_minute;
-    // A subject another user holds is refused by its unique index (below), the one check for it.
-    if (input.sso_subject !== undefined) patch.sso_subject = input.sso_subject;
-    if (input.data !== undefined) patch.data = serializeData(input.data);
-    // Disabling keeps the first time it happened; enabling clears it.
-    if (input.disabled === true && current.disabled_at === null) patch.disabled_at = now;
-    if (input.disabled === false) patch.disabled_at = null;
-    let row: UserRow | undefined;
+    let row: UserRow;
     try {
-      row = await users.updateUser(db, id, patch);
+      row = await writeTransaction(db, async (trx) => {
+        const current = await users.findUserById(trx, id);
+        if (!current) throw notFound('User');
+        const patch: UserUpdate = { updated_at: now };
+        if (input.name !== undefined) patch.name = input.name;
+        if (input.max_concurrent_bots !== undefined) patch.max_concurrent_bots = input.max_concurrent_bots;
+        if (input.rate_limit_per_minute !== undefined) patch.rate_limit_per_minute = input.rate_limit_per_minute;
+        if (input.credits !== undefined) patch.credits = input.credits;
+        // A subject another user holds is refused by its unique index (below), the one check for it.
+        if (input.sso_subject !== undefined) patch.sso_subject = input.sso_subject;
+        if (data !== undefined) patch.data = data;
+        // Disabling keeps the first time it happened; enabling clears it.
+        if (input.disabled === true && current.disabled_at === null) patch.disabled_at = now;
+        if (input.disabled === false) patch.disabled_at = null;
+        const updated = await users.updateUser(trx, id, patch);
+        if (!updated) throw notFound('User');
+        const changed = changes(auditedFields(current), auditedFields(updated));
+        if (Object.keys(changed).length > 0) {
+          // Disabling and enabling are the changes an auditor looks for first: they name the entry.
+          let action = 'user.updated';
+          if (changed.disabled) action = updated.disabled_at === null ? 'user.enabled' : 'user.disabled';
+          await recordAudit(trx, audit, now, { action, target: { type: 'user', id, userId: id }, details: changed });
+        }
+        return updated;
+      });
     } catch (err) {
       // Linking a subject another user holds, also when two admins do it at once.
       if (!isUniqueViolation(err) || !input.sso_subject) throw err;
       const holder = await users.findUserBySsoSubject(db, input.sso_subject);
       throw conflict('Another user is linked to this SSO subject.', { existing_id: holder?.id ?? null });
     }
-    if (!row) throw notFound('User');
     return this.respond(row);
   }
 
@@ -170,12 +212,18 @@ export class UsersService {
    * Deleting a user revokes every token and releases every bot in the same transaction: no window
    * where they still work or hold slots.
    */
-  async delete(id: number): Promise<void> {
+  async delete(id: number, audit: AuditContext): Promise<void> {
     const now = isoNow(this.deps.clock);
     const deleted = await writeTransaction(this.deps.db, async (trx) => {
-      if (!(await users.markUserDeleted(trx, id, now))) return false;
-      await revokeAllTokensOfUser(trx, id, now);
-      await endLeasesOfUser(trx, id, now);
+      const current = await users.findUserById(trx, id);
+      if (!current || !(await users.markUserDeleted(trx, id, now))) return false;
+      const tokensRevoked = await revokeAllTokensOfUser(trx, id, now);
+      const botsReleased = await endLeasesOfUser(trx, id, now);
+      await recordAudit(trx, audit, now, {
+        action: 'user.deleted',
+        target: { type: 'user', id, userId: id },
+        details: { email: current.email, tokens_revoked: tokensRevoked, bots_released: botsReleased },
+      });
       return true;
     });
     if (!deleted) throw notFound('User');

@@ -64,8 +64,7 @@ export async function createTestApp(
     clock,
     http: () => request.agent(app),
     close: async () => {
-      app.bots.stop();
-      await app.lastUse.stop();
+      await app.stopBackground();
       await storage.close();
     },
   };
