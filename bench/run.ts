@@ -15,7 +15,13 @@ import autocannon from 'autocannon';
 import bcrypt from 'bcrypt';
 import SqliteDatabase from 'better-sqlite3';
 import type { Response } from 'express';
+import { Kysely, SqliteDialect } from 'kysely';
+import type { Database } from '../db/schema';
+import { systemClock } from '../src/clock';
+import { createLogger } from '../src/logger';
+import { Metrics } from '../src/metrics/metrics';
 import { RateLimits } from '../src/rate-limit/rate-limits';
+import { UsageRecorder } from '../src/usage/usage';
 import { checksum, randomBase62 } from '../src/tokens/token-format';
 
 const ROOT = join(__dirname, '..', '..');
@@ -126,6 +132,28 @@ async function limiterMicros(): Promise<number> {
   const start = process.hrtime.bigint();
   for (let i = 0; i < n; i++) await limits.userRequest(i % 100, Number.MAX_SAFE_INTEGER, res);
   return Number(process.hrtime.bigint() - start) / n / 1000;
+}
+
+/** What issue 7 added to every request, measured alone in this process: the metrics update and the usage count. */
+async function observabilityMicros(): Promise<number> {
+  const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: new SqliteDatabase(':memory:') }) });
+  const limits = new RateLimits({ authFailuresPerMinute: 20, adminRateLimitPerMinute: 1200 });
+  const metrics = new Metrics({ db, databasePath: ':memory:', verifier: { bcryptChecks: 0, cacheHits: 0, cacheMisses: 0 }, limits, activeBots: async () => 0 });
+  const usage = new UsageRecorder({ db, clock: systemClock, logger: createLogger('silent') });
+  const outcome = { route: '/v1/me', method: 'GET', status: 200, seconds: 0.002, errorCode: null, ip: '127.0.0.1' };
+  const n = 200_000;
+  const run = () => {
+    for (let i = 0; i < n; i++) {
+      metrics.observe(outcome);
+      usage.request(1, (i % 100) + 1);
+    }
+  };
+  run();
+  const start = process.hrtime.bigint();
+  run();
+  const micros = Number(process.hrtime.bigint() - start) / n / 1000;
+  await db.destroy();
+  return micros;
 }
 
 async function load(url: string, opts: { headers?: Record<string, string>; rotate?: string[]; method?: string; body?: string; connections?: number; duration?: number; amount?: number }): Promise<Load> {
@@ -312,6 +340,7 @@ async function main(): Promise<void> {
   ]);
 
   const limiterUs = await limiterMicros();
+  const observabilityUs = await observabilityMicros();
 
   // Memory: verify many distinct tokens on the large database, then read each server's peak RSS.
   log(`verifying ${bigTokens.length} distinct tokens on the large database`);
@@ -343,6 +372,7 @@ async function main(): Promise<void> {
   add('acquire + release a bot (POST, then DELETE /v1/bots/{id}), 10 connections', botS, `${fmt(botS.rps / 2)} pairs/s; each acquisition is a durable write transaction`);
   const warmMicros = 1e6 / warmS.rps;
   add('per-user rate limiter alone, per request (in-process)', null, `${limiterUs.toFixed(2)} µs, ${((100 * limiterUs) / warmMicros).toFixed(1)}% of a warm GET /v1/me (${warmMicros.toFixed(0)} µs of server time at its throughput)`);
+  add('metrics and usage counting alone, per request (in-process)', null, `${observabilityUs.toFixed(2)} µs, ${((100 * observabilityUs) / warmMicros).toFixed(1)}% of a warm GET /v1/me; the servers above run with both on, and with request logs`);
   const largeS = summary('large');
   add(`large database: ${P.bigUsers.toLocaleString('en')} users, ${P.bigTokens.toLocaleString('en')} tokens, warm GET /v1/me`, largeS);
   add(`${bigTokens.length.toLocaleString('en')} distinct tokens verified once each (bcrypt cost 4), 16 connections`, memoryRun);

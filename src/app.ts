@@ -124,7 +124,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   const auditFailures: RequestObserver = (outcome) => {
     if (outcome.errorCode !== null && AUTH_FAILURE_CODES.has(outcome.errorCode)) audit.authFailed(outcome.ip, outcome.errorCode);
   };
-  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, [metrics.observe, auditFailures]));
+  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, config.metricsEnabled ? [metrics.observe, auditFailures] : [auditFailures]));
 
   const doc = loadSpec();
   const operations = listOperations(doc);

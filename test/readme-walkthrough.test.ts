@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   REPO_ROOT,
@@ -186,6 +186,39 @@ describe('README', () => {
     expect(running.concurrency).toEqual({ limit: 5, active: 1 });
     expect(refusal.error).toMatchObject({ code: 'CONCURRENCY_LIMIT_EXCEEDED', details: { limit: 1, active: 1 } });
     expect(server.logs).not.toMatch(/kw_live_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}/);
+  });
+
+  test('the operations examples run as written after the walkthrough', async () => {
+    assertBuilt();
+    const dir = makeTempDir('readme-ops');
+    const adminKey = randomBytes(32).toString('hex');
+    writeFileSync(join(dir, '.env'), `ADMIN_API_TOKEN=${adminKey}\n`, { mode: 0o600 });
+    const server = await startServer({
+      env: { ADMIN_API_TOKEN: adminKey, DATABASE_PATH: join(dir, 'data', 'keyward.db'), BCRYPT_ROUNDS: '4', PORT: '0', HOST: '127.0.0.1' },
+      cwd: dir,
+    });
+    const script = [markedBlock('walkthrough'), `echo '${BETWEEN}'`, markedBlock('operations')].join('\n').split('localhost:8056').join(`127.0.0.1:${server.port}`);
+    const run = await runBash(script, { cwd: dir, flags: ['-euo', 'pipefail'] });
+    expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: '' });
+    const opsOut = run.stdout.split(BETWEEN)[1]!;
+    // The metrics come last, as Prometheus text (whose label sets look like JSON to the splitter).
+    const metricsAt = opsOut.indexOf('keyward_auth_outcomes_total');
+    expect(metricsAt).toBeGreaterThan(0);
+    const out = splitOutput(opsOut.slice(0, metricsAt));
+    expect(out.every((p) => p.json !== undefined)).toBe(true);
+    const [tokenEvents, userEvents, patched, usage] = out.map((p) => p.json);
+    // The walkthrough minted and revoked token 1: newest first.
+    expect(tokenEvents.data.map((e: { action: string }) => e.action)).toEqual(['token.revoked', 'token.minted']);
+    expect(tokenEvents.data[0]).toMatchObject({ actor: { type: 'admin' }, target: { type: 'token', id: '1', user_id: 1 } });
+    expect(userEvents.data.map((e: { action: string }) => e.action)).toEqual(['token.revoked', 'token.minted', 'user.created']);
+    expect(patched).toMatchObject({ id: 1, credits: 100 });
+    expect(usage).toMatchObject({ user_id: 1, totals: { requests: 1 } });
+    const metricLines = opsOut.slice(metricsAt).trim().split('\n');
+    expect(metricLines.some((l) => /^keyward_auth_outcomes_total\{api="user",outcome="API_KEY_REVOKED"\} 1$/.test(l))).toBe(true);
+    const backup = join(dir, 'keyward-backup.db');
+    expect(statSync(backup).mode & 0o777).toBe(0o600);
+    expect(readFileSync(backup).subarray(0, 16).toString('latin1')).toBe('SQLite format 3\0');
+    expect(server.logs).not.toMatch(FULL_TOKEN);
   });
 
   test('the quick start\'s test command is `npm test`, and npm test runs jest', () => {
