@@ -136,7 +136,15 @@ status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/openapi
 [[ "$status" == "200" ]] || fail "/openapi.json answered $status, expected 200 (is openapi/ copied?)"
 status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/sso/" || true)"
 [[ "$status" == "200" ]] || fail "/sso/ answered $status, expected 200 (is public/ copied?)"
-say "/readyz 200, /openapi.json 200, /sso/ 200"
+status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/metrics" || true)"
+[[ "$status" == "200" ]] || fail "/metrics answered $status to this machine, expected 200 (prom-client in the runtime dependencies?)"
+say "/readyz 200, /openapi.json 200, /sso/ 200, /metrics 200"
+
+# The README's `docker exec keyward node dist/src/cli.js backup …`: the image's environment is enough
+# to find the database, and the copy is made while the server runs.
+(cd "$APP" && env -i "${RUNTIME_ENV[@]}" node dist/src/cli.js backup "$WORK/backup.db") || fail "keyward backup failed in the runtime image"
+[[ "$(head -c 15 "$WORK/backup.db")" == "SQLite format 3" ]] || fail "the backup is not a SQLite database"
+say "node dist/src/cli.js backup: a copy while serving"
 
 # The Dockerfile's own HEALTHCHECK command (exec form, JSON array after CMD), run as the image would:
 # in the app dir with the container's environment.

@@ -1,15 +1,25 @@
+import { validationError } from '../http/errors';
 import type { Handler } from '../http/operations';
 import { input } from '../http/operations';
 import { pageRequest } from '../http/pagination';
 import type { AuditFilter, AuditLog } from './audit.service';
+
+/** Entries store UTC times with milliseconds; a time with an offset is compared as that instant. */
+function instant(field: string, value: unknown): string | undefined {
+  if (value === undefined) return undefined;
+  const ms = Date.parse(value as string);
+  // The schema accepts a leap second (23:59:60), which Date cannot hold.
+  if (Number.isNaN(ms)) throw validationError([{ field, in: 'query', message: 'is not a time keyward can represent' }]);
+  return new Date(ms).toISOString();
+}
 
 function filterOf(query: Record<string, unknown>): AuditFilter {
   return {
     actor: query.actor as string | undefined,
     action: query.action as string | undefined,
     target: query.target as string | undefined,
-    since: query.since === undefined ? undefined : new Date(query.since as string).toISOString(),
-    until: query.until === undefined ? undefined : new Date(query.until as string).toISOString(),
+    since: instant('since', query.since),
+    until: instant('until', query.until),
   };
 }
 
