@@ -72,11 +72,12 @@ export function createApp(deps: AppDeps): KeywardApp {
   const lifecycle = deps.lifecycle ?? { draining: false };
 
   const catalog = scopeCatalog(config.extraScopes);
-  const limits = new RateLimits(config);
   const lastUse = new LastUseRecorder({ db, clock, logger });
   const usageRecorder = new UsageRecorder({ db, clock, logger });
   const usage = new UsageService({ db, clock, recorder: usageRecorder });
   const audit = new AuditLog({ db, clock, logger, retentionSeconds: config.auditRetentionSeconds });
+  // An address blocked for wrong keys keeps trying: those attempts are failures too (code RATE_LIMITED).
+  const limits = new RateLimits(config, (ip) => audit.authFailed(ip, 'RATE_LIMITED'));
   const bots = new BotsService({ db, clock, logger, retentionSeconds: config.botRetentionSeconds, creditsPerBot: config.creditsPerBot });
   const sso = new SsoService({
     db,

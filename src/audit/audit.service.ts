@@ -24,6 +24,9 @@ export const AUTH_FAILURE_CODES = new Set([
 export const AUTH_FAILURE_FLUSH_MS = 60_000;
 /** …for at most this many addresses a minute; the rest are summed into one entry, so a flood from many addresses writes 101 rows a minute, not one per attempt. */
 export const AUTH_FAILURE_ADDRESSES_PER_FLUSH = 100;
+/** Addresses told apart in memory between flushes; failures from more are counted as one. */
+export const AUTH_FAILURE_ADDRESSES_TRACKED = 10_000;
+const UNTRACKED = '*';
 const PRUNE_INTERVAL_MS = 3_600_000;
 const PRUNE_BATCH = 5_000;
 
@@ -55,8 +58,10 @@ export class AuditLog {
 
   /** Counted in memory on the request path; written by flushFailures. */
   authFailed(ip: string, code: string): void {
-    const address = clientNetwork(ip);
+    let address = clientNetwork(ip);
     const at = this.deps.clock.now().toISOString();
+    // Memory is bounded too: past this many addresses in a minute, the rest are counted together.
+    if (!this.failures.has(address) && this.failures.size >= AUTH_FAILURE_ADDRESSES_TRACKED) address = UNTRACKED;
     let window = this.failures.get(address);
     if (!window) {
       window = { count: 0, codes: {}, first: at, last: at };
@@ -69,11 +74,13 @@ export class AuditLog {
 
   async flushFailures(): Promise<void> {
     if (this.failures.size === 0) return;
-    const batch = [...this.failures].sort((a, b) => b[1].count - a[1].count);
+    const untracked = this.failures.get(UNTRACKED);
+    const batch = [...this.failures].filter(([address]) => address !== UNTRACKED).sort((a, b) => b[1].count - a[1].count);
     this.failures = new Map();
     const at = this.deps.clock.now().toISOString();
     const named = batch.slice(0, AUTH_FAILURE_ADDRESSES_PER_FLUSH);
     const rest = batch.slice(AUTH_FAILURE_ADDRESSES_PER_FLUSH);
+    if (untracked) rest.push([UNTRACKED, untracked]);
     try {
       await writeTransaction(this.deps.db, async (trx) => {
         for (const [address, w] of named) {
@@ -85,9 +92,17 @@ export class AuditLog {
         if (rest.length > 0) {
           const codes: Record<string, number> = {};
           for (const [, w] of rest) for (const [code, n] of Object.entries(w.codes)) codes[code] = (codes[code] ?? 0) + n;
+          const tracked = rest.filter(([address]) => address !== UNTRACKED).length;
           await recordAudit(trx, { actor: { type: 'anonymous' }, ip: null, requestId: null }, at, {
             action: 'auth.failed',
-            details: { count: rest.reduce((a, [, w]) => a + w.count, 0), codes, addresses: rest.length, first_at: rest.map(([, w]) => w.first).sort()[0], last_at: at },
+            details: {
+              count: rest.reduce((a, [, w]) => a + w.count, 0),
+              codes,
+              // Addresses beyond the tracked ones are not told apart: "at least".
+              addresses: untracked ? `${tracked + 1}+` : tracked,
+              first_at: rest.map(([, w]) => w.first).sort()[0],
+              last_at: rest.map(([, w]) => w.last).sort().at(-1),
+            },
           });
         }
       });

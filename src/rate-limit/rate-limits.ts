@@ -40,7 +40,11 @@ export class RateLimits {
   /** Requests refused by each limit since start, for /metrics. */
   readonly rejections = { user: 0, admin: 0, auth_failures: 0 };
 
-  constructor(private readonly config: { authFailuresPerMinute: number; adminRateLimitPerMinute: number }) {}
+  constructor(
+    private readonly config: { authFailuresPerMinute: number; adminRateLimitPerMinute: number },
+    /** Told of each attempt refused because its address sent too many wrong keys (the audit log counts them). */
+    private readonly onWrongKeyRefused: (ip: string) => void = () => undefined,
+  ) {}
 
   private async count(limiter: RateLimiterMemory, key: string): Promise<Window> {
     const res = await limiter.consume(key);
@@ -82,6 +86,7 @@ export class RateLimits {
     const res = await this.failures.consume(clientNetwork(ip));
     if (res.consumedPoints <= this.config.authFailuresPerMinute) return undefined;
     this.rejections.auth_failures++;
+    this.onWrongKeyRefused(ip);
     return rateLimited('Too many wrong keys from this address; try again later.', {
       consumed: res.consumedPoints,
       resetSeconds: seconds(res.msBeforeNext),
@@ -100,6 +105,7 @@ export class RateLimits {
     const res = await this.failures.get(clientNetwork(ip));
     if (!res || res.consumedPoints < this.config.authFailuresPerMinute) return undefined;
     this.rejections.auth_failures++;
+    this.onWrongKeyRefused(ip);
     return rateLimited(
       'Too many wrong keys from this address; try again later.',
       { consumed: res.consumedPoints, resetSeconds: seconds(res.msBeforeNext) },

@@ -202,13 +202,14 @@ export class TokensService {
       },
       undefined,
       async (trx, successor) => {
+        const current = await tokens.findTokenById(trx, old.id);
         if (!(await tokens.markRotated(trx, old.id, successor.id, oldEnds))) {
           throw conflict('This token was rotated or revoked at the same moment; list the tokens and try again.');
         }
         await recordAudit(trx, audit, nowIso, {
           action: 'token.rotated',
           target: tokenTarget(old),
-          details: { successor_id: successor.id, grace_period_seconds: grace, expires_at: { old: old.expires_at, new: oldEnds }, successor: mintedFacts(successor) },
+          details: { successor_id: successor.id, grace_period_seconds: grace, expires_at: { old: current?.expires_at ?? null, new: oldEnds }, successor: mintedFacts(successor) },
         });
       },
     );
@@ -253,9 +254,12 @@ export class TokensService {
     }
     if (problems.length > 0) throw validationError(problems);
     const updated = await writeTransaction(db, async (trx) => {
+      // The entry compares with the row as this transaction sees it, not the read above: another
+      // change may have landed in between.
+      const before = await tokens.findTokenById(trx, id);
       const after = await tokens.updateToken(trx, id, patch);
-      if (!after) throw notFound('Token');
-      const changed = changes(auditedFields(row), auditedFields(after));
+      if (!before || !after) throw notFound('Token');
+      const changed = changes(auditedFields(before), auditedFields(after));
       if (Object.keys(changed).length > 0) await recordAudit(trx, audit, nowIso, { action: 'token.updated', target: tokenTarget(after), details: changed });
       return after;
     });
