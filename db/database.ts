@@ -111,6 +111,26 @@ export async function writeTransaction<T>(db: Db, work: (trx: Db) => Promise<T>)
   });
 }
 
+/**
+ * Reads that must see one moment of the database (a report built from two tables while another
+ * process may move rows between them). On SQLite a deferred transaction: its first read fixes the
+ * snapshot, and writers carry on meanwhile (WAL).
+ */
+export async function readSnapshot<T>(db: Db, work: (trx: Db) => Promise<T>): Promise<T> {
+  if (!sqliteStatements.has(db)) return db.transaction().execute(work);
+  return db.connection().execute(async (connection) => {
+    await sql`begin`.execute(connection);
+    try {
+      const result = await work(connection);
+      await sql`commit`.execute(connection);
+      return result;
+    } catch (err) {
+      await sql`rollback`.execute(connection).catch(() => undefined);
+      throw err;
+    }
+  });
+}
+
 /** The file is created before SQLite opens it, so there is no moment where others can read it. */
 function prepareDatabaseFile(path: string): void {
   mkdirSync(dirname(path), { recursive: true, mode: 0o700 });

@@ -125,7 +125,8 @@ export function createApp(deps: AppDeps): KeywardApp {
   const auditFailures: RequestObserver = (outcome) => {
     if (outcome.errorCode !== null && AUTH_FAILURE_CODES.has(outcome.errorCode)) audit.authFailed(outcome.ip, outcome.errorCode);
   };
-  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, config.metricsEnabled ? [metrics.observe, auditFailures] : [auditFailures]));
+  const observers = config.metricsEnabled ? [metrics.observe, auditFailures] : [auditFailures];
+  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, observers, [config.adminKeyDigest]));
 
   const doc = loadSpec();
   const operations = listOperations(doc);

@@ -1,10 +1,12 @@
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import type { NextFunction, Request, Response } from 'express';
 import type { Logger } from '../logger';
 import { unavailable } from './errors';
 
 // An incoming X-Request-Id is kept only if it is short and plain, so it cannot smuggle text into logs.
 const SAFE_REQUEST_ID = /^[A-Za-z0-9._:-]{1,64}$/;
+// …and only if it is not a credential sent in the wrong header: an id is logged, echoed and audited.
+const TOKEN_SHAPE = /_(?:live|test)_[A-Za-z0-9]{12}_[A-Za-z0-9]{6}/;
 
 // Runs of 20+ letters and digits in an unmatched path are masked: a token pasted into a URL must not
 // reach the log through a 404.
@@ -38,11 +40,20 @@ export interface RequestOutcome {
 
 export type RequestObserver = (outcome: RequestOutcome) => void;
 
-export function requestContext(logger: Logger, headers: Map<string, string>, isDraining: () => boolean, observers: readonly RequestObserver[] = []) {
+export function requestContext(
+  logger: Logger,
+  headers: Map<string, string>,
+  isDraining: () => boolean,
+  observers: readonly RequestObserver[] = [],
+  /** sha256 of secrets that must never be taken as a request id (the admin key). */
+  secretDigests: readonly Buffer[] = [],
+) {
+  const acceptable = (id: string) =>
+    SAFE_REQUEST_ID.test(id) && !TOKEN_SHAPE.test(id) && !secretDigests.some((d) => createHash('sha256').update(id).digest().equals(d));
   return (req: Request, res: Response, next: NextFunction): void => {
     const started = process.hrtime.bigint();
     const incoming = req.headers['x-request-id'];
-    const requestId = typeof incoming === 'string' && SAFE_REQUEST_ID.test(incoming) ? incoming : randomUUID();
+    const requestId = typeof incoming === 'string' && acceptable(incoming) ? incoming : randomUUID();
     res.locals.requestId = requestId;
     res.setHeaders(headers);
     res.setHeader('X-Request-Id', requestId);

@@ -9,7 +9,7 @@ import { AppError } from '../http/errors';
 import type { Guard, Handler } from '../http/operations';
 import type { RequestObserver } from '../http/request-context';
 import type { RateLimits } from '../rate-limit/rate-limits';
-import { compiledAllowlist } from '../tokens/ip-allowlist';
+import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 
 /** Which part of keyward a route belongs to, for the authentication outcome metric. */
 function apiOf(route: string): string {
@@ -147,7 +147,7 @@ export function requireMetrics(config: Config): Guard {
   return (req) => {
     if (!config.metricsEnabled) throw new AppError(404, 'NOT_FOUND', 'No such route.');
     const ip = clientIpOf(req);
-    if (allowed && !allowed.allows(ip)) throw new AppError(403, 'FORBIDDEN_IP', 'This address may not read the metrics (METRICS_ALLOWED_IPS).', { ip });
+    if (allowed && !allowed.allows(ip)) throw new AppError(403, 'FORBIDDEN_IP', 'This address may not read the metrics (METRICS_ALLOWED_IPS).', { ip: normalizeClientIp(ip) });
     if (config.metricsTokenDigest) {
       const header = req.headers.authorization ?? '';
       const sent = /^bearer /i.test(header) ? header.slice(7).trim() : '';

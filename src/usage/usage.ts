@@ -1,4 +1,4 @@
-import { type Db, writeTransaction } from '../../db/database';
+import { type Db, readSnapshot, writeTransaction } from '../../db/database';
 import type { BotRow } from '../../db/schema';
 import type { Clock } from '../clock';
 import { validationError } from '../http/errors';
@@ -157,13 +157,16 @@ export class UsageService {
       entry.tokens.set(tokenId, (entry.tokens.get(tokenId) ?? 0) + requests);
     };
 
-    const rows = await this.deps.db.selectFrom('usage_daily').selectAll().where('user_id', '=', userId).where('day', '>=', from).where('day', '<=', to).execute();
+    // One snapshot: a sweep elsewhere moves bot time from the bots table into usage_daily.
+    const [rows, bots] = await readSnapshot(this.deps.db, async (trx) => [
+      await trx.selectFrom('usage_daily').selectAll().where('user_id', '=', userId).where('day', '>=', from).where('day', '<=', to).execute(),
+      await trx.selectFrom('bots').selectAll().where('user_id', '=', userId).where('created_at', '<', new Date(endMs).toISOString()).execute(),
+    ] as const);
     for (const row of rows) {
       if (row.token_id !== WHOLE_USER) addRequests(row.day, row.token_id, row.requests);
       if (row.bot_seconds > 0) dayEntry(row.day).botSeconds += row.bot_seconds;
     }
     for (const p of this.deps.recorder.pending(userId)) addRequests(p.day, p.tokenId, p.requests);
-    const bots = await this.deps.db.selectFrom('bots').selectAll().where('user_id', '=', userId).where('created_at', '<', new Date(endMs).toISOString()).execute();
     for (const bot of bots) {
       for (const [day, seconds] of secondsByDay(Date.parse(bot.created_at), botEndMs(bot, nowMs))) {
         if (day >= from && day <= to) dayEntry(day).botSeconds += seconds;
