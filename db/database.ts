@@ -1,7 +1,10 @@
 import { closeSync, chmodSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import SqliteDatabase from 'better-sqlite3';
-import { type CompiledQuery, Kysely, Migrator, SqliteDialect, sql } from 'kysely';
+import { type CompiledQuery, Kysely, Migrator, PostgresAdapter, PostgresDialect, SqliteDialect, sql } from 'kysely';
+import { Pool, types } from 'pg';
+
+const INT8_OID = 20;
 import { migrationProvider } from './migrations';
 import type { Database } from './schema';
 
@@ -14,8 +17,48 @@ export type Db = Kysely<Database>;
 
 export interface Storage {
   readonly db: Db;
-  readonly dialect: 'sqlite';
+  readonly dialect: 'sqlite' | 'postgres';
   close(): Promise<void>;
+}
+
+/** DATABASE_URL set: PostgreSQL; otherwise the SQLite file at DATABASE_PATH. */
+export function openDatabase(config: { databaseUrl: string | null; databasePath: string; databasePoolSize: number }): Storage {
+  return config.databaseUrl ? openPostgres(config.databaseUrl, { poolSize: config.databasePoolSize }) : openSqlite(config.databasePath);
+}
+
+/**
+ * PostgreSQL through a pool. `schema` puts every table in that schema (created if missing) through the
+ * connections' search_path: the tests give each app its own.
+ */
+export function openPostgres(url: string, options: { poolSize?: number; schema?: string } = {}): Storage {
+  const pool = new Pool({
+    connectionString: url,
+    max: options.poolSize ?? 10,
+    // Fail fast instead of queueing forever when the database is gone; the caller answers 503.
+    connectionTimeoutMillis: 5_000,
+    // bigint columns (counters, balances) and count(*) arrive as numbers: every value keyward keeps
+    // stays far below 2^53.
+    types: { getTypeParser: ((oid: number, format?: string) => (oid === INT8_OID ? Number : types.getTypeParser(oid, format as 'text'))) as typeof types.getTypeParser },
+    ...(options.schema ? { options: `-c search_path=${options.schema}` } : {}),
+  });
+  // An idle connection the server drops must not crash the process; the next query reconnects.
+  pool.on('error', () => undefined);
+  const db = new Kysely<Database>({
+    dialect: new PostgresDialect({
+      pool: async () => {
+        if (options.schema) {
+          const client = await pool.connect();
+          try {
+            await client.query(`create schema if not exists "${options.schema.replace(/"/g, '""')}"`);
+          } finally {
+            client.release();
+          }
+        }
+        return pool;
+      },
+    }),
+  });
+  return { db, dialect: 'postgres', close: () => db.destroy() };
 }
 
 export function openSqlite(path: string): Storage {
@@ -97,6 +140,8 @@ export function hotRead<Row>(db: Db, query: CompiledQuery): (parameters: readonl
  * a count that is already stale. PostgreSQL gets its own form when its dialect lands.
  */
 export async function writeTransaction<T>(db: Db, work: (trx: Db) => Promise<T>): Promise<T> {
+  // PostgreSQL: read committed, and a step that must be atomic across instances locks the row it
+  // depends on (lockForUpdate below) before it reads what it counts.
   if (!sqliteStatements.has(db)) return db.transaction().execute(work);
   return db.connection().execute(async (connection) => {
     await sql`begin immediate`.execute(connection);
@@ -117,7 +162,7 @@ export async function writeTransaction<T>(db: Db, work: (trx: Db) => Promise<T>)
  * snapshot, and writers carry on meanwhile (WAL).
  */
 export async function readSnapshot<T>(db: Db, work: (trx: Db) => Promise<T>): Promise<T> {
-  if (!sqliteStatements.has(db)) return db.transaction().execute(work);
+  if (!sqliteStatements.has(db)) return db.transaction().setIsolationLevel('repeatable read').execute(work);
   return db.connection().execute(async (connection) => {
     await sql`begin`.execute(connection);
     try {
@@ -141,13 +186,29 @@ function prepareDatabaseFile(path: string): void {
 }
 
 export async function migrateToLatest(db: Db): Promise<void> {
-  const migrator = new Migrator({ db, provider: migrationProvider });
+  // Kysely's migrator looks for its own tables in every schema it can see; one in another schema
+  // (another application's, another test's) must not count. On PostgreSQL it is told ours.
+  const schema = db.getExecutor().adapter instanceof PostgresAdapter
+    ? (await sql<{ schema: string }>`select current_schema() as schema`.execute(db)).rows[0]?.schema
+    : undefined;
+  const migrator = new Migrator({ db, provider: migrationProvider, ...(schema ? { migrationTableSchema: schema } : {}) });
   const { error, results } = await migrator.migrateToLatest();
   const failed = results?.find((r) => r.status === 'Error');
   if (error || failed) {
     const cause = error instanceof Error ? error.message : String(error ?? 'unknown error');
     throw new Error(`database migration ${failed?.migrationName ?? ''} failed: ${cause}`);
   }
+}
+
+/**
+ * Locks one user's row until the write transaction ends, where the database has row locks
+ * (PostgreSQL: SELECT … FOR UPDATE). Steps that count a user's rows and then insert one (bot admission,
+ * the token cap) take it first, so instances sharing the database take turns per user. SQLite needs
+ * nothing: its write transaction already holds the whole database.
+ */
+export async function lockUserForUpdate(trx: Db, userId: number): Promise<void> {
+  if (!(trx.getExecutor().adapter instanceof PostgresAdapter)) return;
+  await trx.selectFrom('users').select('id').where('id', '=', userId).forUpdate().execute();
 }
 
 function sqliteCode(err: unknown): string {
@@ -157,8 +218,13 @@ function sqliteCode(err: unknown): string {
 
 export function isUniqueViolation(err: unknown): boolean {
   const code = sqliteCode(err);
-  return code === 'SQLITE_CONSTRAINT_UNIQUE' || code === 'SQLITE_CONSTRAINT_PRIMARYKEY';
+  return code === 'SQLITE_CONSTRAINT_UNIQUE' || code === 'SQLITE_CONSTRAINT_PRIMARYKEY' || code === PG_UNIQUE_VIOLATION;
 }
+
+const PG_UNIQUE_VIOLATION = '23505';
+// Connection exceptions (08…), too many connections, shutting down, cannot connect now, disk full,
+// out of memory, and the network errors node-postgres passes through.
+const PG_UNAVAILABLE = /^(08\w{3}|53\w{3}|57P0[1-3]|58\w{3}|ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|ENOTFOUND|EAI_AGAIN)$/;
 
 const UNAVAILABLE_CODES = /^SQLITE_(BUSY|LOCKED|IOERR|FULL|READONLY|CORRUPT|NOTADB|CANTOPEN|PROTOCOL|NOMEM)/;
 
@@ -167,9 +233,17 @@ const UNAVAILABLE_CODES = /^SQLITE_(BUSY|LOCKED|IOERR|FULL|READONLY|CORRUPT|NOTA
  * a client told its key is bad while the disk is full would throw the key away.
  */
 export function isStorageUnavailable(err: unknown): boolean {
-  if (UNAVAILABLE_CODES.test(sqliteCode(err))) return true;
+  const code = sqliteCode(err);
+  if (UNAVAILABLE_CODES.test(code) || PG_UNAVAILABLE.test(code)) return true;
   // Not `instanceof Error`: better-sqlite3 raises its errors from its own realm (they fail that check
   // under jest's module sandbox, for one).
   const message = typeof err === 'object' && err !== null && 'message' in err && typeof err.message === 'string' ? err.message : '';
-  return message.includes('database connection is not open') || message.includes('driver has already been destroyed');
+  return (
+    message.includes('database connection is not open') ||
+    message.includes('driver has already been destroyed') ||
+    // node-postgres, when a pool has ended or a connection attempt timed out.
+    message.includes('Cannot use a pool after calling end') ||
+    message.includes('timeout exceeded when trying to connect') ||
+    message.includes('Connection terminated')
+  );
 }

@@ -42,6 +42,10 @@ function databasePath(flag: string | undefined): string {
       throw new BackupError(`cannot read .env: ${err instanceof Error ? err.message : String(err)}`);
     }
   }
+  // A PostgreSQL deployment has no file to copy; its own tools do this job.
+  if ((process.env.DATABASE_URL ?? '').trim() !== '') {
+    throw new BackupError('this keyward uses PostgreSQL (DATABASE_URL is set): back it up with pg_dump and restore with pg_restore');
+  }
   const fromEnv = process.env.DATABASE_PATH;
   if (fromEnv === undefined) return DEFAULT_DATABASE_PATH;
   if (fromEnv.trim() === '') throw new BackupError('DATABASE_PATH must not be empty');

@@ -11,6 +11,9 @@ export interface Config {
   readonly port: number;
   readonly host: string;
   readonly databasePath: string;
+  /** postgres://… selects PostgreSQL; null: SQLite at databasePath. */
+  readonly databaseUrl: string | null;
+  readonly databasePoolSize: number;
   readonly bcryptRounds: number;
   readonly tokenPrefix: string;
   readonly logLevel: LogLevel;
@@ -176,6 +179,19 @@ function ssoSecret(raw: string, name: string): Parsed<Buffer | null> {
   return ok(createHash('sha256').update(raw).digest());
 }
 
+function databaseUrl(raw: string, name: string): Parsed<string | null> {
+  if (raw.trim() === '') return ok(null);
+  let url: URL;
+  try {
+    url = new URL(raw.trim());
+  } catch {
+    return bad(`${name} must be a postgres://user:password@host:5432/database URL`);
+  }
+  // The message never repeats the value: it may hold a password.
+  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') return bad(`${name} must start with postgres:// (only PostgreSQL is supported besides SQLite)`);
+  return ok(raw.trim());
+}
+
 function metricsAddresses(raw: string, name: string): Parsed<readonly string[] | null> {
   if (raw.trim().toLowerCase() === 'any') return ok(null);
   const entries = list(raw);
@@ -209,6 +225,10 @@ export const VARIABLES: readonly Variable[] = [
   { name: 'DATABASE_PATH', key: 'databasePath', default: './data/keyward.db',
     doc: 'SQLite database file; its directory is created and the file is readable by its owner only.',
     parse: (raw, name) => (raw.trim() === '' ? bad(`${name} must not be empty`) : ok(raw.trim())) },
+  { name: 'DATABASE_URL', key: 'databaseUrl', default: '', parse: databaseUrl,
+    doc: 'postgres://user:password@host:5432/db selects PostgreSQL (several instances can share it); empty: SQLite at DATABASE_PATH.' },
+  { name: 'DATABASE_POOL_SIZE', key: 'databasePoolSize', default: '10', parse: integer(1, 1000),
+    doc: 'PostgreSQL connections each instance keeps at most.' },
   { name: 'BCRYPT_ROUNDS', key: 'bcryptRounds', default: '10', parse: integer(4, 15),
     doc: 'bcrypt cost for token secrets (4 to 15); each +1 doubles the cost of a token\'s first request.' },
   { name: 'TOKEN_PREFIX', key: 'tokenPrefix', default: 'kw', doc: 'Prefix of minted tokens (lowercase letters and digits, up to 16).',

@@ -1,6 +1,6 @@
 import { existsSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
-import { migrateToLatest, openSqlite, type Storage } from '../db/database';
+import { migrateToLatest, openDatabase, type Storage } from '../db/database';
 import { createApp } from './app';
 import { ConfigError, loadConfig } from './config';
 import { answerClientError } from './http/client-errors';
@@ -27,10 +27,10 @@ async function main(): Promise<void> {
 
   let storage: Storage;
   try {
-    storage = openSqlite(config.databasePath);
+    storage = openDatabase(config);
     await migrateToLatest(storage.db);
   } catch (err) {
-    logger.fatal({ err, database_path: config.databasePath }, 'cannot open or migrate the database; refusing to start');
+    logger.fatal({ err, database: config.databaseUrl ? 'postgres' : config.databasePath }, 'cannot open or migrate the database; refusing to start');
     process.exit(1);
   }
 
@@ -44,7 +44,7 @@ async function main(): Promise<void> {
 
   server.on('listening', () => {
     const { address, port } = server.address() as AddressInfo;
-    logger.info({ host: address, port, database_path: config.databasePath }, 'keyward listening');
+    logger.info({ host: address, port, database: config.databaseUrl ? 'postgres' : config.databasePath }, 'keyward listening');
   });
   server.on('clientError', answerClientError);
   server.on('error', (err) => {

@@ -1,11 +1,10 @@
 import type { Kysely } from 'kysely';
+import { idColumn } from './dialect';
 
 // Migrations take Kysely<any> and never import application code: they must keep working unchanged
 // after the application's types move on.
 export async function up(db: Kysely<any>): Promise<void> {
-  await db.schema
-    .createTable('users')
-    .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
+  await idColumn(db, db.schema.createTable('users'))
     .addColumn('email', 'text', (c) => c.notNull())
     .addColumn('email_lower', 'text', (c) => c.unique())
     .addColumn('name', 'text')
@@ -17,9 +16,7 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addColumn('updated_at', 'text', (c) => c.notNull())
     .execute();
 
-  await db.schema
-    .createTable('tokens')
-    .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
+  await idColumn(db, db.schema.createTable('tokens'))
     .addColumn('user_id', 'integer', (c) => c.notNull().references('users.id'))
     .addColumn('name', 'text')
     .addColumn('selector', 'text', (c) => c.notNull().unique())

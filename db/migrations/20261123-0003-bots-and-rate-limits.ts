@@ -1,4 +1,5 @@
 import { type Kysely, sql } from 'kysely';
+import { idColumn } from './dialect';
 
 // Bots (leases on a user's concurrency slots) and the per-user rate limit. Users that exist before
 // this migration get the default rate limit of 600 requests a minute.
@@ -8,9 +9,7 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addColumn('rate_limit_per_minute', 'integer', (c) => c.notNull().defaultTo(600))
     .execute();
 
-  await db.schema
-    .createTable('bots')
-    .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
+  await idColumn(db, db.schema.createTable('bots'))
     .addColumn('user_id', 'integer', (c) => c.notNull().references('users.id'))
     .addColumn('token_id', 'integer', (c) => c.references('tokens.id'))
     .addColumn('platform', 'text')

@@ -3,7 +3,7 @@ import { pipeline } from 'node:stream/promises';
 import { type Db, sqliteHandle, writeTransaction } from '../../db/database';
 import { auditContextOf, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
-import { unavailable } from '../http/errors';
+import { AppError, unavailable } from '../http/errors';
 import type { Handler } from '../http/operations';
 import type { Logger } from '../logger';
 import { BackupError, backupToTempFile } from './backup';
@@ -16,7 +16,8 @@ export function backupHandlers(db: Db, clock: Clock, logger: Logger): Record<str
   return {
     createBackup: async (req, res) => {
       const handle = sqliteHandle(db);
-      if (!handle) throw unavailable('Online backup is available for SQLite only; back up PostgreSQL with pg_dump.');
+      // A PostgreSQL deployment has no file to hand out: as if the route did not exist, and why.
+      if (!handle) throw new AppError(404, 'NOT_FOUND', 'This keyward uses PostgreSQL: back it up with pg_dump, not through keyward.');
       let backup;
       try {
         backup = await backupToTempFile(handle, { now: clock.now() });

@@ -1,4 +1,4 @@
-import { type Db, isUniqueViolation, writeTransaction } from '../../db/database';
+import { type Db, isUniqueViolation, lockUserForUpdate, writeTransaction } from '../../db/database';
 import type { BotRow, BotStatus } from '../../db/schema';
 import { type AuditContext, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
@@ -91,6 +91,8 @@ export class BotsService {
     const ttl = input.ttl_seconds ?? DEFAULT_TTL_SECONDS;
     try {
       const row = await writeTransaction(db, async (trx) => {
+        // Instances sharing a PostgreSQL database take turns per user here; SQLite's transaction already does.
+        await lockUserForUpdate(trx, userId);
         const now = clock.now();
         const nowIso = now.toISOString();
         await bots.expireLeasesOfUser(trx, userId, nowIso);

@@ -63,6 +63,8 @@ export class SsoService {
 
     const byEmail = await users.findUserByEmail(db, identity.email.toLowerCase());
     if (byEmail && byEmail.deleted_at === null) {
+      // Linked to this very identity by another of the person's requests between the two look-ups.
+      if (byEmail.sso_subject === identity.subject) return byEmail;
       if (byEmail.sso_subject !== null) {
         // Same email, different identity: never hand one person's keys to another.
         throw denied('Your email belongs to a keyward user linked to another sign-in identity; ask the admin.');

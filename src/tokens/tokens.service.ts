@@ -1,4 +1,4 @@
-import { isUniqueViolation, type Db, writeTransaction } from '../../db/database';
+import { isUniqueViolation, type Db, lockUserForUpdate, writeTransaction } from '../../db/database';
 import type { TokenUpdate } from '../../db/schema';
 import { type AuditContext, changes, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
@@ -148,6 +148,7 @@ export class TokensService {
     return this.insert(
       { userId, name: input.name ?? null, scopes, environment, allowedIps, now, expiresAt },
       async (trx) => {
+        await lockUserForUpdate(trx, userId);
         const active = await tokens.countActiveTokensOfUser(trx, userId, now.toISOString());
         if (active >= maxTokensPerUser) {
           throw conflict(`This user already has ${active} active tokens, the most MAX_TOKENS_PER_USER allows; revoke one first.`, {

@@ -2,7 +2,9 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import request from 'supertest';
-import { migrateToLatest, openSqlite, type Storage } from '../../db/database';
+import { randomBytes } from 'node:crypto';
+import { sql } from 'kysely';
+import { migrateToLatest, openPostgres, openSqlite, type Storage } from '../../db/database';
 import { createApp, type KeywardApp } from '../../src/app';
 import type { Clock } from '../../src/clock';
 import type { Lifecycle } from '../../src/health/health.routes';
@@ -47,12 +49,32 @@ export interface TestContext {
   close: () => Promise<void>;
 }
 
-/** The real app on a fresh SQLite database, migrated by the real migrations. */
+/**
+ * `npm run test:postgres` sets this: every app a test creates in memory gets a fresh schema of its own
+ * in that PostgreSQL database instead (dropped when the test closes it). Apps on a named SQLite file
+ * stay on SQLite: those tests are about the file.
+ */
+export const POSTGRES_URL = process.env.KEYWARD_TEST_POSTGRES_URL || undefined;
+
+function openTestStorage(config: Config): Storage {
+  if (!POSTGRES_URL || config.databasePath !== ':memory:') return openSqlite(config.databasePath);
+  const schema = `kw_test_${process.pid}_${randomBytes(6).toString('hex')}`;
+  const storage = openPostgres(POSTGRES_URL, { schema, poolSize: 5 });
+  return {
+    ...storage,
+    close: async () => {
+      await sql`drop schema ${sql.id(schema)} cascade`.execute(storage.db).catch(() => undefined);
+      await storage.close();
+    },
+  };
+}
+
+/** The real app on a fresh database (SQLite in memory, or PostgreSQL under test:postgres), migrated by the real migrations. */
 export async function createTestApp(
   options: { env?: Record<string, string>; hasher?: SecretHasher; logDestination?: NodeJS.WritableStream; lifecycle?: Lifecycle } = {},
 ): Promise<TestContext> {
   const config = testConfig(options.env);
-  const storage = openSqlite(config.databasePath);
+  const storage = openTestStorage(config);
   await migrateToLatest(storage.db);
   const clock = new FakeClock();
   const logger = options.logDestination ? createLogger('info', options.logDestination) : createLogger('silent');
@@ -101,4 +123,28 @@ export function expectError(res: request.Response, status: number, code: string)
   expect(res.body.error.request_id).toBe(res.headers['x-request-id']);
   expect(res.headers['content-type']).toMatch(/^application\/json/);
   return res.body.error;
+}
+
+/**
+ * A trigger that makes one kind of write fail, for tests that prove a step is all or nothing; the
+ * same on SQLite and PostgreSQL. `event` is e.g. "insert", "update of revoked_at, name"; `when` a
+ * condition on `new`.
+ */
+export async function refuseWrites(
+  ctx: TestContext,
+  name: string,
+  spec: { timing?: 'before' | 'after'; event: string; table: string; when?: string; message?: string },
+): Promise<void> {
+  const timing = spec.timing ?? 'before';
+  const message = (spec.message ?? 'refused by test').replace(/'/g, "''");
+  if (ctx.storage.dialect === 'postgres') {
+    await sql.raw(`create or replace function ${name}_fn() returns trigger language plpgsql as $$ begin raise exception '${message}'; end $$`).execute(ctx.storage.db);
+    await sql.raw(`create trigger ${name} ${timing} ${spec.event} on ${spec.table} for each row ${spec.when ? `when (${spec.when})` : ''} execute function ${name}_fn()`).execute(ctx.storage.db);
+  } else {
+    await sql.raw(`create trigger ${name} ${timing} ${spec.event} on ${spec.table} ${spec.when ? `when ${spec.when}` : ''} begin select raise(abort, '${message}'); end`).execute(ctx.storage.db);
+  }
+}
+
+export async function allowWrites(ctx: TestContext, name: string, table: string): Promise<void> {
+  await sql.raw(ctx.storage.dialect === 'postgres' ? `drop trigger ${name} on ${table}` : `drop trigger ${name}`).execute(ctx.storage.db);
 }
