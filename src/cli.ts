@@ -3,10 +3,12 @@ import { existsSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { BackupError, backupToFile, restoreFromFile } from './backup/backup';
 import { VARIABLES } from './config';
+import { MigrateDataError, migrateData } from './migrate-data/migrate-data';
 
 /**
- * The `keyward` command for operators. It needs the database path only: not ADMIN_API_TOKEN nor the
- * rest of the configuration, so a backup job can run with nothing but DATABASE_PATH.
+ * The `keyward` command for operators. It needs the database path (or, for migrate-data, the two
+ * databases) only: not ADMIN_API_TOKEN nor the rest of the configuration, so a backup job can run with
+ * nothing but DATABASE_PATH.
  */
 
 const USAGE = `usage: keyward <command> [options]
@@ -18,6 +20,9 @@ commands:
   restore <file> [--database <path>]
       Check the backup <file>, keep the current database as <path>.before-restore-<UTC time>,
       and put the backup in its place. Stop keyward first; restore refuses while it runs.
+  migrate-data --from <sqlite file> --to <postgres url>
+      Copy a SQLite deployment into an empty PostgreSQL database (creating keyward's tables), then
+      compare every row of both. Stop keyward first; the SQLite file is only read.
   help
       Show this text.
 
@@ -92,6 +97,18 @@ async function run(argv: string[]): Promise<number> {
     process.stdout.write(`restored ${options.file} (${r.bytes} bytes, schema ${r.schemaVersion}) to ${database}; ${previous}${unchecked}${pending}\n`);
     return 0;
   }
+  if (command === 'migrate-data') {
+    const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { from: { type: 'string' }, to: { type: 'string' }, help: { type: 'boolean', short: 'h' } } });
+    if (values.help) return run(['help']);
+    if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
+    if (!values.from || !values.to) throw new UsageError('migrate-data needs --from <sqlite file> and --to <postgres url>');
+    if (!/^postgres(ql)?:\/\//.test(values.to)) throw new UsageError('--to must be a postgres:// URL');
+    const result = await migrateData(values.from, values.to);
+    const counts = Object.entries(result.rows).map(([table, n]) => `${n} ${table}`).join(', ');
+    // The URL is not repeated: it may hold a password.
+    process.stdout.write(`migrated ${values.from} (schema ${result.schemaVersion}) to PostgreSQL: ${counts}; every row checked\n`);
+    return 0;
+  }
   throw new UsageError(command === undefined ? 'name a command' : `unknown command "${command}"`);
 }
 
@@ -103,7 +120,7 @@ function isUsageError(err: unknown): boolean {
 
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
-  const label = argv[0] === 'backup' || argv[0] === 'restore' ? `keyward ${argv[0]}` : 'keyward';
+  const label = argv[0] === 'backup' || argv[0] === 'restore' || argv[0] === 'migrate-data' ? `keyward ${argv[0]}` : 'keyward';
   try {
     process.exitCode = await run(argv);
   } catch (err) {
@@ -111,7 +128,7 @@ async function main(): Promise<void> {
     if (isUsageError(err)) {
       process.stderr.write(`${label}: ${message}\n\n${USAGE}`);
       process.exitCode = 2;
-    } else if (err instanceof BackupError) {
+    } else if (err instanceof BackupError || err instanceof MigrateDataError) {
       process.stderr.write(`${label}: ${message}\n`);
       process.exitCode = 1;
     } else {
