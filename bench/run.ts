@@ -175,6 +175,33 @@ async function load(url: string, opts: { headers?: Record<string, string>; rotat
   return { rps: result.requests.average, p50: result.latency.p50, p99: result.latency.p99, errors: result.errors + result.timeouts, non2xx: result.non2xx, statuses };
 }
 
+/** Two loads run at once (one per instance) as one: throughput adds up, latencies are the worse of the two. */
+function combined(a: Load, b: Load): Load {
+  return { rps: a.rps + b.rps, p50: Math.max(a.p50, b.p50), p99: Math.max(a.p99, b.p99), errors: a.errors + b.errors, non2xx: a.non2xx + b.non2xx, statuses: {} };
+}
+
+/** PostgreSQL for the two-instance rows, if one answers (KEYWARD_BENCH_POSTGRES_URL, default the local one). */
+const PG_URL = process.env.KEYWARD_BENCH_POSTGRES_URL ?? 'postgres://postgres@127.0.0.1:5432/test';
+
+async function postgresSchema(): Promise<{ url: string; drop: () => Promise<void> } | null> {
+  const { Client } = await import('pg');
+  const client = new Client({ connectionString: PG_URL, connectionTimeoutMillis: 3000 });
+  try {
+    await client.connect();
+  } catch {
+    return null;
+  }
+  const schema = `kw_bench_${randomBytes(5).toString('hex')}`;
+  await client.query(`create schema ${schema}`);
+  return {
+    url: `${PG_URL}?options=-c%20search_path%3D${schema}`,
+    drop: async () => {
+      await client.query(`drop schema ${schema} cascade`);
+      await client.end();
+    },
+  };
+}
+
 function tokenFor(selector: string, secret: string): string {
   const body = `kw_live_${selector}_${secret}`;
   return body + checksum(body);
@@ -304,6 +331,39 @@ async function main(): Promise<void> {
     { key: 'large', run: () => load(`${large.base}/v1/me`, { headers: { 'x-api-key': bigTokens[0]! } }) },
     { key: 'botPair', run: () => botPairs(small.base, warmToken, 10) },
   ];
+  // PostgreSQL: two instances on one database, each driven at once by half the connections.
+  const pg = await postgresSchema();
+  let pgWarmToken = '';
+  let pgInstances: Array<{ base: string }> = [];
+  if (pg) {
+    log('starting two instances on PostgreSQL');
+    const pgEnv = { ADMIN_API_TOKEN: ADMIN_KEY, DATABASE_URL: pg.url, LOG_LEVEL: 'info', AUTH_FAILURES_PER_MINUTE: '10000000' };
+    pgInstances = [await startProcess('keyward-pg-1', serverArgs, pgEnv, dir, '/readyz'), await startProcess('keyward-pg-2', serverArgs, pgEnv, dir, '/readyz')];
+    const pgUser = await api(pgInstances[0]!.base, 'POST', '/admin/users', { email: 'bench@example.com', rate_limit_per_minute: 1_000_000, max_concurrent_bots: 1000 });
+    pgWarmToken = (await api(pgInstances[0]!.base, 'POST', `/admin/users/${pgUser.id}/tokens`)).token as string;
+    for (const instance of pgInstances) await warm(instance.base, [pgWarmToken]);
+  } else {
+    log(`no PostgreSQL at ${PG_URL}: the PostgreSQL rows are left out`);
+  }
+  if (pg) {
+    scenarios.push(
+      {
+        key: 'pgWarm',
+        run: async () => {
+          const [a, b] = await Promise.all(pgInstances.map((i) => load(`${i.base}/v1/me`, { headers: { 'x-api-key': pgWarmToken }, connections: CONNECTIONS / 2 })));
+          return combined(a!, b!);
+        },
+      },
+      {
+        key: 'pgBotPair',
+        run: async () => {
+          const [a, b] = await Promise.all(pgInstances.map((i) => botPairs(i.base, pgWarmToken, 5)));
+          return combined(a!, b!);
+        },
+      },
+    );
+  }
+
   const samples: Record<string, Load[]> = {};
   for (let round = 1; round <= P.rounds; round++) {
     for (const s of scenarios) {
@@ -370,6 +430,11 @@ async function main(): Promise<void> {
   add('GET /v1/me, warm, while minting (4 connections)', warmDuringMint);
   const botS = summary('botPair');
   add('acquire + release a bot (POST, then DELETE /v1/bots/{id}), 10 connections', botS, `${fmt(botS.rps / 2)} pairs/s; each acquisition is a durable write transaction`);
+  if (samples.pgWarm) {
+    add('PostgreSQL, 2 instances: GET /v1/me, warm token (25 connections each)', summary('pgWarm'), 'both instances on one database, driven at once; throughput added');
+    const pgBots = summary('pgBotPair');
+    add('PostgreSQL, 2 instances: acquire + release a bot (5 connections each)', pgBots, `${fmt(pgBots.rps / 2)} pairs/s; each admission locks the user's row`);
+  }
   const warmMicros = 1e6 / warmS.rps;
   add('per-user rate limiter alone, per request (in-process)', null, `${limiterUs.toFixed(2)} µs, ${((100 * limiterUs) / warmMicros).toFixed(1)}% of a warm GET /v1/me (${warmMicros.toFixed(0)} µs of server time at its throughput)`);
   add('metrics and usage counting alone, per request (in-process)', null, `${observabilityUs.toFixed(2)} µs, ${((100 * observabilityUs) / warmMicros).toFixed(1)}% of a warm GET /v1/me; the servers above run with both on, and with request logs`);
@@ -420,8 +485,12 @@ async function main(): Promise<void> {
   writeFileSync(join(out, 'latest.json'), JSON.stringify({ machine, quick: QUICK, params: P, rows, samples, targets: targets.map((t) => ({ what: t.what, value: t.value, met: t.ok(t.value) })), rss_mb: { small: rssSmall, large: rssLarge } }, null, 2));
 
   for (const c of children) c.kill('SIGTERM');
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  await pg?.drop();
   rmSync(dir, { recursive: true, force: true });
-  const sanity = warmS.non2xx + summary('forwardAuth').non2xx + summary('botPair').non2xx + summary('allowlist').non2xx + largeS.non2xx + summary('many').non2xx + memoryRun.non2xx;
+  const sanity =
+    warmS.non2xx + summary('forwardAuth').non2xx + summary('botPair').non2xx + summary('allowlist').non2xx + largeS.non2xx + summary('many').non2xx + memoryRun.non2xx +
+    (samples.pgWarm ? summary('pgWarm').non2xx + summary('pgBotPair').non2xx : 0);
   if (sanity > 0) {
     log(`FAILED: ${sanity} non-2xx answers where every request should have succeeded`);
     process.exit(1);

@@ -1,7 +1,7 @@
 import { closeSync, chmodSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import SqliteDatabase from 'better-sqlite3';
-import { type CompiledQuery, Kysely, Migrator, PostgresAdapter, PostgresDialect, SqliteDialect, sql } from 'kysely';
+import { type CompiledQuery, Kysely, Migrator, PostgresAdapter, PostgresDialect, type RawBuilder, SqliteDialect, sql } from 'kysely';
 import { Pool, types } from 'pg';
 
 const INT8_OID = 20;
@@ -137,14 +137,19 @@ export function hotRead<Row>(db: Db, query: CompiledQuery): (parameters: readonl
  * The one way keyward writes in a transaction. On SQLite it begins IMMEDIATE: the write lock is taken
  * before the first read, so a read-then-write step (count the active bots, then admit one) is atomic
  * even across processes sharing the file; a second process waits (busy_timeout) instead of acting on
- * a count that is already stale. PostgreSQL gets its own form when its dialect lands.
+ * a count that is already stale.
  */
 export async function writeTransaction<T>(db: Db, work: (trx: Db) => Promise<T>): Promise<T> {
   // PostgreSQL: read committed, and a step that must be atomic across instances locks the row it
-  // depends on (lockForUpdate below) before it reads what it counts.
+  // depends on (lockUserForUpdate below) before it reads what it counts.
   if (!sqliteStatements.has(db)) return db.transaction().execute(work);
+  return sqliteTransaction(db, sql`begin immediate`, work);
+}
+
+/** Kysely's SQLite transactions always begin DEFERRED; these choose how theirs begins. */
+function sqliteTransaction<T>(db: Db, begin: RawBuilder<unknown>, work: (trx: Db) => Promise<T>): Promise<T> {
   return db.connection().execute(async (connection) => {
-    await sql`begin immediate`.execute(connection);
+    await begin.execute(connection);
     try {
       const result = await work(connection);
       await sql`commit`.execute(connection);
@@ -163,17 +168,7 @@ export async function writeTransaction<T>(db: Db, work: (trx: Db) => Promise<T>)
  */
 export async function readSnapshot<T>(db: Db, work: (trx: Db) => Promise<T>): Promise<T> {
   if (!sqliteStatements.has(db)) return db.transaction().setIsolationLevel('repeatable read').execute(work);
-  return db.connection().execute(async (connection) => {
-    await sql`begin`.execute(connection);
-    try {
-      const result = await work(connection);
-      await sql`commit`.execute(connection);
-      return result;
-    } catch (err) {
-      await sql`rollback`.execute(connection).catch(() => undefined);
-      throw err;
-    }
-  });
+  return sqliteTransaction(db, sql`begin`, work);
 }
 
 /** The file is created before SQLite opens it, so there is no moment where others can read it. */

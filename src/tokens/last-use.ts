@@ -1,6 +1,7 @@
 import type { Db } from '../../db/database';
 import type { Clock } from '../clock';
 import type { Logger } from '../logger';
+import { PeriodicFlush } from '../periodic-flush';
 import { writeLastUse } from './tokens.repository';
 
 export interface LastUse {
@@ -18,8 +19,7 @@ export const LAST_USE_FLUSH_MS = 5_000;
  */
 export class LastUseRecorder {
   private uses = new Map<number, { ms: number; ip: string }>();
-  private timer: NodeJS.Timeout | undefined;
-  private flushing: Promise<void> = Promise.resolve();
+  private readonly flusher = new PeriodicFlush(() => this.flushOnce());
 
   constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger }) {}
 
@@ -32,37 +32,33 @@ export class LastUseRecorder {
     return use && { at: new Date(use.ms).toISOString(), ip: use.ip };
   }
 
-  /** Starts the periodic flush; the timer never keeps the process alive on its own. */
   start(intervalMs = LAST_USE_FLUSH_MS): void {
-    if (this.timer) return;
-    this.timer = setInterval(() => void this.flush(), intervalMs);
-    this.timer.unref();
+    this.flusher.start(intervalMs);
   }
 
   /** Stops the timer and writes what is pending (at shutdown, before the database closes). */
-  async stop(): Promise<void> {
-    clearInterval(this.timer);
-    this.timer = undefined;
-    await this.flush();
+  stop(): Promise<void> {
+    return this.flusher.stop();
   }
 
-  /** Writes every use recorded so far. Flushes never overlap; a failed one keeps its uses for the next. */
+  /** Writes every use recorded so far. A failed flush keeps its uses for the next. */
   flush(): Promise<void> {
-    this.flushing = this.flushing.then(async () => {
-      if (this.uses.size === 0) return;
-      const batch = this.uses;
-      this.uses = new Map();
-      try {
-        await writeLastUse(
-          this.deps.db,
-          [...batch].map(([id, use]) => ({ id, at: new Date(use.ms).toISOString(), ip: use.ip })),
-        );
-      } catch (err) {
-        // Put the batch back unless a newer use of the same token arrived meanwhile.
-        for (const [id, use] of batch) if (!this.uses.has(id)) this.uses.set(id, use);
-        this.deps.logger.warn({ err, tokens: batch.size }, 'could not record last use; will retry');
-      }
-    });
-    return this.flushing;
+    return this.flusher.run();
+  }
+
+  private async flushOnce(): Promise<void> {
+    if (this.uses.size === 0) return;
+    const batch = this.uses;
+    this.uses = new Map();
+    try {
+      await writeLastUse(
+        this.deps.db,
+        [...batch].map(([id, use]) => ({ id, at: new Date(use.ms).toISOString(), ip: use.ip })),
+      );
+    } catch (err) {
+      // Put the batch back unless a newer use of the same token arrived meanwhile.
+      for (const [id, use] of batch) if (!this.uses.has(id)) this.uses.set(id, use);
+      this.deps.logger.warn({ err, tokens: batch.size }, 'could not record last use; will retry');
+    }
   }
 }

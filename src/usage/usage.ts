@@ -2,6 +2,7 @@ import { type Db, readSnapshot, writeTransaction } from '../../db/database';
 import type { BotRow } from '../../db/schema';
 import type { Clock } from '../clock';
 import { validationError } from '../http/errors';
+import { PeriodicFlush } from '../periodic-flush';
 import type { Logger } from '../logger';
 
 /** How often counted requests are written; also the most a crash can lose. */
@@ -59,8 +60,7 @@ export async function foldBotTime(trx: Db, rows: BotRow[], nowMs: number): Promi
  */
 export class UsageRecorder {
   private counts = new Map<string, { day: string; userId: number; tokenId: number; requests: number }>();
-  private timer: NodeJS.Timeout | undefined;
-  private flushing: Promise<void> = Promise.resolve();
+  private readonly flusher = new PeriodicFlush(() => this.flushOnce());
 
   constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger }) {}
 
@@ -77,43 +77,40 @@ export class UsageRecorder {
   }
 
   start(intervalMs = USAGE_FLUSH_MS): void {
-    if (this.timer) return;
-    this.timer = setInterval(() => void this.flush(), intervalMs);
-    this.timer.unref();
+    this.flusher.start(intervalMs);
   }
 
-  async stop(): Promise<void> {
-    clearInterval(this.timer);
-    this.timer = undefined;
-    await this.flush();
+  stop(): Promise<void> {
+    return this.flusher.stop();
   }
 
-  /** Flushes never overlap; a failed one puts its counts back for the next. */
+  /** A failed flush puts its counts back for the next. */
   flush(): Promise<void> {
-    this.flushing = this.flushing.then(async () => {
-      if (this.counts.size === 0) return;
-      const batch = this.counts;
-      this.counts = new Map();
-      try {
-        await writeTransaction(this.deps.db, async (trx) => {
-          for (const c of batch.values()) {
-            await trx
-              .insertInto('usage_daily')
-              .values({ day: c.day, user_id: c.userId, token_id: c.tokenId, requests: c.requests })
-              .onConflict((oc) => oc.columns(['user_id', 'day', 'token_id']).doUpdateSet((eb) => ({ requests: eb('usage_daily.requests', '+', eb.ref('excluded.requests')) })))
-              .execute();
-          }
-        });
-      } catch (err) {
-        for (const [key, c] of batch) {
-          const newer = this.counts.get(key);
-          if (newer) newer.requests += c.requests;
-          else this.counts.set(key, c);
+    return this.flusher.run();
+  }
+
+  private async flushOnce(): Promise<void> {
+    if (this.counts.size === 0) return;
+    const batch = this.counts;
+    this.counts = new Map();
+    try {
+      await writeTransaction(this.deps.db, async (trx) => {
+        for (const c of batch.values()) {
+          await trx
+            .insertInto('usage_daily')
+            .values({ day: c.day, user_id: c.userId, token_id: c.tokenId, requests: c.requests })
+            .onConflict((oc) => oc.columns(['user_id', 'day', 'token_id']).doUpdateSet((eb) => ({ requests: eb('usage_daily.requests', '+', eb.ref('excluded.requests')) })))
+            .execute();
         }
-        this.deps.logger.warn({ err, rows: batch.size }, 'could not record usage; will retry');
+      });
+    } catch (err) {
+      for (const [key, c] of batch) {
+        const newer = this.counts.get(key);
+        if (newer) newer.requests += c.requests;
+        else this.counts.set(key, c);
       }
-    });
-    return this.flushing;
+      this.deps.logger.warn({ err, rows: batch.size }, 'could not record usage; will retry');
+    }
   }
 }
 

@@ -75,7 +75,13 @@ export async function createTestApp(
 ): Promise<TestContext> {
   const config = testConfig(options.env);
   const storage = openTestStorage(config);
-  await migrateToLatest(storage.db);
+  try {
+    await migrateToLatest(storage.db);
+  } catch (err) {
+    // Nothing will close this storage otherwise (and on PostgreSQL its schema would stay behind).
+    await storage.close();
+    throw err;
+  }
   const clock = new FakeClock();
   const logger = options.logDestination ? createLogger('info', options.logDestination) : createLogger('silent');
   const app = createApp({ config, db: storage.db, clock, hasher: options.hasher, logger, lifecycle: options.lifecycle });
