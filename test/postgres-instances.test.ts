@@ -14,9 +14,9 @@ import { assertBuilt, removeTempDirs, startServer, stopAllServers, type ServerPr
  * the bcrypt result is cached).
  *
  * Only under `npm run test:postgres` (KEYWARD_TEST_POSTGRES_URL set): plain `npm test` must need
- * nothing installed besides node_modules, so without a PostgreSQL server every test here is skipped.
+ * nothing installed besides node_modules, so jest.config.js leaves this file out of it.
  */
-const describeOnPostgres = POSTGRES_URL ? describe : describe.skip;
+if (!POSTGRES_URL) throw new Error('postgres-instances.test.ts runs under `npm run test:postgres` (KEYWARD_TEST_POSTGRES_URL)');
 
 const HIGH_RATE = 1_000_000;
 /** A key's first, not yet verified, requests count against the wrong-key limits (see bots-admission.test.ts). */
@@ -200,7 +200,7 @@ function interleave<T>(items: T[], seed: number): T[] {
 
 // ---------------------------------------------------------------------------------------------------
 
-describeOnPostgres('startup: several instances started at once on an empty database', () => {
+describe('startup: several instances started at once on an empty database', () => {
   const schemas = [useFreshSchema('migrate_a'), useFreshSchema('migrate_b')];
 
   /**
@@ -317,7 +317,7 @@ describeOnPostgres('startup: several instances started at once on an empty datab
 
 // ---------------------------------------------------------------------------------------------------
 
-describeOnPostgres('bot admission is exact across 3 instances on one database', () => {
+describe('bot admission is exact across 3 instances on one database', () => {
   const schema = useFreshSchema('bots');
   let servers: ServerProcess[] = [];
   const call = caller(() => servers);
@@ -474,7 +474,7 @@ describeOnPostgres('bot admission is exact across 3 instances on one database', 
 
 // ---------------------------------------------------------------------------------------------------
 
-describeOnPostgres('MAX_TOKENS_PER_USER holds exactly across 3 instances', () => {
+describe('MAX_TOKENS_PER_USER holds exactly across 3 instances', () => {
   const schema = useFreshSchema('tokens');
   let servers: ServerProcess[] = [];
   const call = caller(() => servers);
@@ -591,7 +591,7 @@ describeOnPostgres('MAX_TOKENS_PER_USER holds exactly across 3 instances', () =>
 
 // ---------------------------------------------------------------------------------------------------
 
-describeOnPostgres('what one instance changes, the other enforces on its very next request', () => {
+describe('what one instance changes, the other enforces on its very next request', () => {
   const schema = useFreshSchema('state');
   let servers: ServerProcess[] = [];
   const call = caller(() => servers);
