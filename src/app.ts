@@ -125,8 +125,9 @@ export function createApp(deps: AppDeps): KeywardApp {
   const auditFailures: RequestObserver = (outcome) => {
     if (outcome.errorCode !== null && AUTH_FAILURE_CODES.has(outcome.errorCode)) audit.authFailed(outcome.ip, outcome.errorCode);
   };
+  const adminKeys = config.adminKeyNextDigest ? [config.adminKeyDigest, config.adminKeyNextDigest] : [config.adminKeyDigest];
   const observers = config.metricsEnabled ? [metrics.observe, auditFailures] : [auditFailures];
-  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, observers, [config.adminKeyDigest]));
+  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, observers, adminKeys));
 
   const doc = loadSpec();
   const operations = listOperations(doc);
@@ -157,7 +158,7 @@ export function createApp(deps: AppDeps): KeywardApp {
       ...backupHandlers(db, clock, logger),
     },
     {
-      admin: requireAdmin(config.adminKeyDigest, limits),
+      admin: requireAdmin(adminKeys, limits),
       user: requireUser(verifier, limits),
       sso: requireSso(config, sso, limits),
       metrics: requireMetrics(config),

@@ -8,6 +8,8 @@ export type TrustProxy = false | number | string[];
 export interface Config {
   /** sha256 of ADMIN_API_TOKEN: the plaintext key is not kept in memory past loading. */
   readonly adminKeyDigest: Buffer;
+  /** sha256 of ADMIN_API_TOKEN_NEXT, the key that also works while admins move to it; null: none. */
+  readonly adminKeyNextDigest: Buffer | null;
   readonly port: number;
   readonly host: string;
   readonly databasePath: string;
@@ -21,6 +23,9 @@ export interface Config {
   readonly verifyCacheSize: number;
   readonly bcryptConcurrency: number;
   readonly shutdownTimeoutMs: number;
+  /** A client must send its request headers within this, and the whole request within the next. */
+  readonly headersTimeoutMs: number;
+  readonly requestTimeoutMs: number;
   /** Scopes beyond the built-in four, for the self-hoster's own services. */
   readonly extraScopes: readonly string[];
   /** Longest a token may live, in seconds; null: no cap. */
@@ -94,6 +99,14 @@ function integer(min: number, max: number) {
     const n = Number(raw);
     if (n < min || n > max) return bad(`${name} must be from ${min} to ${max}, got ${n}`);
     return ok(n);
+  };
+}
+
+/** Whole seconds in the environment, milliseconds in Config. */
+function seconds(min: number, max: number) {
+  return (raw: string, name: string): Parsed<number> => {
+    const parsed = integer(min, max)(raw, name);
+    return parsed.ok ? ok(parsed.value * 1000) : parsed;
   };
 }
 
@@ -219,6 +232,9 @@ function domains(raw: string, name: string): Parsed<readonly string[]> {
 export const VARIABLES: readonly Variable[] = [
   { name: 'ADMIN_API_TOKEN', key: 'adminKeyDigest', default: undefined, parse: adminKey,
     doc: 'Required. The admin key for /admin/* (header X-Admin-API-Key); at least 32 characters: `openssl rand -hex 32`.' },
+  { name: 'ADMIN_API_TOKEN_NEXT', key: 'adminKeyNextDigest', default: '',
+    parse: (raw, name) => (raw === '' ? ok(null) : adminKey(raw, name)),
+    doc: 'Optional second admin key that works too, for changing the admin key without downtime (docs/security.md).' },
   { name: 'PORT', key: 'port', default: '8056', parse: integer(0, 65535), doc: 'TCP port to listen on (0 picks a free one).' },
   { name: 'HOST', key: 'host', default: '0.0.0.0', doc: 'Address to listen on.',
     parse: (raw, name) => (raw.trim() === '' ? bad(`${name} must not be empty`) : ok(raw.trim())) },
@@ -244,10 +260,11 @@ export const VARIABLES: readonly Variable[] = [
     parse: (raw, name) => (raw === 'auto' ? ok(Math.max(1, availableParallelism() - 1)) : integer(1, 64)(raw, name)) },
   { name: 'SHUTDOWN_TIMEOUT_SECONDS', key: 'shutdownTimeoutMs', default: '10',
     doc: 'On SIGTERM/SIGINT, how long in-flight requests may take before connections are closed.',
-    parse: (raw, name) => {
-      const seconds = integer(0, 600)(raw, name);
-      return seconds.ok ? ok(seconds.value * 1000) : seconds;
-    } },
+    parse: seconds(0, 600) },
+  { name: 'HTTP_HEADERS_TIMEOUT_SECONDS', key: 'headersTimeoutMs', default: '10', parse: seconds(1, 300),
+    doc: 'A client must send its request headers within this many seconds (slow-loris protection); then 408.' },
+  { name: 'HTTP_REQUEST_TIMEOUT_SECONDS', key: 'requestTimeoutMs', default: '30', parse: seconds(1, 3600),
+    doc: 'A client must send its whole request, body included, within this many seconds; then 408.' },
   { name: 'EXTRA_SCOPES', key: 'extraScopes', default: '', parse: scopeList,
     doc: 'More scopes tokens may carry, for your own services (comma- or space-separated, e.g. reports:read).' },
   { name: 'MAX_TOKEN_LIFETIME', key: 'maxTokenLifetimeSeconds', default: '', parse: optional(duration(60, 315_360_000)),
@@ -311,6 +328,13 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   const known = ['bots:read', 'bots:write', 'tokens:read', 'tokens:write', ...((values.extraScopes as string[] | undefined) ?? [])];
   const unknownSso = ((values.ssoUserScopes as string[] | undefined) ?? []).filter((scope) => !known.includes(scope));
   if (unknownSso.length > 0) problems.push(`SSO_USER_SCOPES names scopes that are neither built in nor in EXTRA_SCOPES: ${unknownSso.join(', ')}`);
+  const next = values.adminKeyNextDigest as Buffer | null | undefined;
+  if (next && values.adminKeyDigest && next.equals(values.adminKeyDigest as Buffer)) {
+    problems.push('ADMIN_API_TOKEN_NEXT is the same as ADMIN_API_TOKEN; set it to the new key (`openssl rand -hex 32`) or leave it empty');
+  }
+  if ((values.headersTimeoutMs as number) > (values.requestTimeoutMs as number)) {
+    problems.push('HTTP_HEADERS_TIMEOUT_SECONDS must not be longer than HTTP_REQUEST_TIMEOUT_SECONDS: the headers are part of the request');
+  }
   // Metrics open to every address must at least need a token.
   if (values.metricsAllowedIps === null && values.metricsTokenDigest === null && values.metricsEnabled === true) {
     problems.push('METRICS_ALLOWED_IPS=any needs METRICS_TOKEN: otherwise anyone could read /metrics');

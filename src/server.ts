@@ -1,4 +1,5 @@
 import { existsSync } from 'node:fs';
+import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { migrateToLatest, openDatabase, type Storage } from '../db/database';
 import { createApp } from './app';
@@ -36,11 +37,23 @@ async function main(): Promise<void> {
 
   const lifecycle = { draining: false };
   const app = createApp({ config, db: storage.db, logger, lifecycle });
-  const server = app.listen(config.port, config.host);
-  // Slow clients cannot hold sockets open forever: whole request within 30 s, headers within 10 s.
-  server.requestTimeout = 30_000;
-  server.headersTimeout = 10_000;
-  server.keepAliveTimeout = 5_000;
+  const server = createServer(
+    {
+      // Slow clients cannot hold sockets open forever (slow loris): headers within
+      // HTTP_HEADERS_TIMEOUT_SECONDS, the whole request within HTTP_REQUEST_TIMEOUT_SECONDS, then 408.
+      headersTimeout: config.headersTimeoutMs,
+      requestTimeout: config.requestTimeoutMs,
+      // Node checks those deadlines on this interval (30 s by default, which would let a 10 s limit
+      // run to 40 s).
+      connectionsCheckingInterval: 1_000,
+      // Headers beyond 16 KiB are refused with 431 (Node's default, stated here because it is a limit
+      // keyward documents).
+      maxHeaderSize: 16 * 1024,
+      keepAliveTimeout: 5_000,
+    },
+    app,
+  );
+  server.listen(config.port, config.host);
 
   server.on('listening', () => {
     const { address, port } = server.address() as AddressInfo;

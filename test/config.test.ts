@@ -174,6 +174,57 @@ describe('loadConfig', () => {
     });
   });
 
+  describe('ADMIN_API_TOKEN_NEXT', () => {
+    const NEXT_KEY = 'c0ffee11d2e3f4a5b6c7d8e9fa0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b';
+
+    it('is off by default', () => {
+      expect(loadConfig(withKey()).adminKeyNextDigest).toBeNull();
+      expect(loadConfig(withKey({ ADMIN_API_TOKEN_NEXT: '' })).adminKeyNextDigest).toBeNull();
+    });
+
+    it('holds the sha256 digest of the next key, never the key', () => {
+      const config = loadConfig(withKey({ ADMIN_API_TOKEN_NEXT: NEXT_KEY }));
+      expect(config.adminKeyNextDigest!.equals(createHash('sha256').update(NEXT_KEY).digest())).toBe(true);
+      expect(everyRendering(config)).not.toContain(NEXT_KEY);
+    });
+
+    it.each([
+      ['shorter than 32 characters', NEXT_KEY.slice(0, 20)],
+      ['a placeholder', 'changeme'],
+      ['a string with almost no variety', 'b'.repeat(40)],
+    ])('is held to the same rules as the admin key: refused when %s', (_label, value) => {
+      const err = configErrorFor(withKey({ ADMIN_API_TOKEN_NEXT: value }));
+      expect(err.problems).toHaveLength(1);
+      expect(err.problems[0]).toContain('ADMIN_API_TOKEN_NEXT');
+      expect(err.problems[0]).toContain(HOW_TO);
+    });
+
+    it('is refused when it is the admin key itself (a change that changes nothing)', () => {
+      const err = configErrorFor(withKey({ ADMIN_API_TOKEN_NEXT: GOOD_KEY }));
+      expect(err.problems).toEqual([expect.stringContaining('ADMIN_API_TOKEN_NEXT is the same as ADMIN_API_TOKEN')]);
+      expect(err.message).not.toContain(GOOD_KEY);
+    });
+  });
+
+  describe('HTTP timeouts', () => {
+    it('default to 10 s for the headers and 30 s for the whole request', () => {
+      const config = loadConfig(withKey());
+      expect([config.headersTimeoutMs, config.requestTimeoutMs]).toEqual([10_000, 30_000]);
+    });
+
+    it('are whole seconds, at least 1', () => {
+      const config = loadConfig(withKey({ HTTP_HEADERS_TIMEOUT_SECONDS: '2', HTTP_REQUEST_TIMEOUT_SECONDS: '5' }));
+      expect([config.headersTimeoutMs, config.requestTimeoutMs]).toEqual([2_000, 5_000]);
+      const err = configErrorFor(withKey({ HTTP_HEADERS_TIMEOUT_SECONDS: '0', HTTP_REQUEST_TIMEOUT_SECONDS: '1.5' }));
+      expect(err.problems).toHaveLength(2);
+    });
+
+    it('refuse a headers timeout longer than the request timeout', () => {
+      const err = configErrorFor(withKey({ HTTP_HEADERS_TIMEOUT_SECONDS: '20', HTTP_REQUEST_TIMEOUT_SECONDS: '10' }));
+      expect(err.problems).toEqual([expect.stringContaining('HTTP_HEADERS_TIMEOUT_SECONDS must not be longer than HTTP_REQUEST_TIMEOUT_SECONDS')]);
+    });
+  });
+
   describe('reporting', () => {
     it('reports every bad variable at once, one problem per variable, each naming it', () => {
       const env = {

@@ -10,9 +10,13 @@ import { clientIpOf } from './user-auth';
  * Both sides of the key comparison are hashed to 32 bytes first, so it takes the same time whatever
  * the length or content of what was sent. An address that sent too many wrong keys gets 429 for any
  * key but the right one.
+ *
+ * `keyDigests` is ADMIN_API_TOKEN and, while the admin key is being changed, ADMIN_API_TOKEN_NEXT.
+ * Every one is compared on every request, so the time taken does not tell which (if any) matched;
+ * the audit log names the key that was used by its fingerprint.
  */
-export function requireAdmin(adminKeyDigest: Buffer, limits: RateLimits): Guard {
-  const actor: Actor = { type: 'admin', fingerprint: adminFingerprint(adminKeyDigest) };
+export function requireAdmin(keyDigests: readonly Buffer[], limits: RateLimits): Guard {
+  const keys = keyDigests.map((digest) => ({ digest, actor: { type: 'admin', fingerprint: adminFingerprint(digest) } as Actor }));
   return async (req, res) => {
     const ip = clientIpOf(req);
     await limits.adminRequest(ip, res);
@@ -27,12 +31,17 @@ export function requireAdmin(adminKeyDigest: Buffer, limits: RateLimits): Guard 
           : 'This API needs the admin key in the X-Admin-API-Key header.',
       );
     }
-    if (!timingSafeEqual(createHash('sha256').update(sent).digest(), adminKeyDigest)) {
+    const sentDigest = createHash('sha256').update(sent).digest();
+    let matched: Actor | undefined;
+    for (const key of keys) {
+      if (timingSafeEqual(sentDigest, key.digest)) matched = key.actor;
+    }
+    if (!matched) {
       const blocked = await limits.blocked(ip);
       if (blocked) throw blocked;
       await limits.authFailed(ip);
       throw new AppError(401, 'INVALID_ADMIN_KEY', 'The admin key is not valid.');
     }
-    res.locals.actor = actor;
+    res.locals.actor = matched;
   };
 }

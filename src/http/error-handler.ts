@@ -1,13 +1,13 @@
 import type { ErrorRequestHandler, Request, Response } from 'express';
 import { isStorageUnavailable } from '../../db/database';
 import type { Logger } from '../logger';
-import { AppError, unavailable } from './errors';
+import { AppError, payloadTooLarge, unavailable } from './errors';
 import { loggablePath } from './request-context';
 
 // body-parser reports its failures with a `type`; each maps to the code product.md gives it.
 const BODY_ERRORS: Record<string, () => AppError> = {
   'entity.parse.failed': () => new AppError(400, 'INVALID_JSON', 'The request body is not valid JSON.'),
-  'entity.too.large': () => new AppError(413, 'PAYLOAD_TOO_LARGE', 'The request body is larger than 64 KiB.'),
+  'entity.too.large': payloadTooLarge,
   'encoding.unsupported': () => new AppError(415, 'UNSUPPORTED_MEDIA_TYPE', 'The request body encoding is not supported.'),
   'charset.unsupported': () => new AppError(415, 'UNSUPPORTED_MEDIA_TYPE', 'The request body must be UTF-8 JSON.'),
   'request.aborted': () => new AppError(400, 'VALIDATION_ERROR', 'The request body was not received completely.'),
@@ -37,6 +37,9 @@ export function toAppError(err: unknown): AppError {
 export function sendError(res: Response, error: AppError): void {
   res.locals.errorCode = error.code;
   for (const [name, value] of Object.entries(error.headers ?? {})) res.setHeader(name, value);
+  // Refused before its body arrived (too large, wrong key): Node would otherwise read and discard the
+  // rest of the body, up to HTTP_REQUEST_TIMEOUT_SECONDS of it, to keep the connection. Not worth it.
+  if (!res.req.complete) res.setHeader('Connection', 'close');
   res.status(error.status).json({
     error: {
       code: error.code,

@@ -58,5 +58,9 @@ export const notFound = (what: string) => new AppError(404, 'NOT_FOUND', `${what
 
 export const conflict = (message: string, details?: unknown) => new AppError(409, 'CONFLICT', message, details);
 
+export const BODY_LIMIT_BYTES = 64 * 1024;
+
+export const payloadTooLarge = () => new AppError(413, 'PAYLOAD_TOO_LARGE', 'The request body is larger than 64 KiB.');
+
 export const unavailable = (message = 'The service is temporarily unavailable; try again shortly.') =>
   new AppError(503, 'UNAVAILABLE', message, undefined, { 'Retry-After': '1' });

@@ -1,13 +1,12 @@
 import express, { type Request, type Response, type Router } from 'express';
 import type { AuthKind, OperationSpec } from '../openapi/spec';
-import { AppError } from './errors';
+import { AppError, BODY_LIMIT_BYTES, payloadTooLarge } from './errors';
 import { buildValidator, type ValidatedInput } from './validation';
 
 export type Handler = (req: Request, res: Response) => unknown;
 /** An auth check for one operation: returns when the caller may go on, throws an AppError otherwise. */
 export type Guard = (req: Request, res: Response, op: OperationSpec) => void | Promise<void>;
 
-const BODY_LIMIT = '64kb';
 const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i;
 
 function hasBody(req: Request): boolean {
@@ -50,7 +49,7 @@ export function mountOperations(
   const orphans = Object.keys(handlers).filter((id) => !known.has(id));
   if (orphans.length > 0) throw new Error(`handlers without an operation in openapi.yaml: ${orphans.join(', ')}`);
 
-  const jsonParser = express.json({ limit: BODY_LIMIT, strict: true, type: () => true });
+  const jsonParser = express.json({ limit: BODY_LIMIT_BYTES, strict: true, type: () => true });
   const parseJson = (req: Request, res: Response) =>
     new Promise<void>((resolve, reject) => jsonParser(req, res, (err?: unknown) => (err ? reject(err) : resolve())));
   const sorted = [...operations].sort(compareSpecificity);
@@ -69,6 +68,9 @@ export function mountOperations(
         if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {
           throw new AppError(415, 'UNSUPPORTED_MEDIA_TYPE', 'The request body must be JSON (Content-Type: application/json).');
         }
+        // body-parser would read (and discard) a body it has already refused by its Content-Length
+        // before answering; refuse it here without reading a byte of it.
+        if (Number(req.headers['content-length']) > BODY_LIMIT_BYTES) throw payloadTooLarge();
         await parseJson(req, res);
       }
       res.locals.input = validate({ params: req.params, query: req.query as Record<string, unknown>, body: req.body, hasBody: withBody });
