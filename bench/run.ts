@@ -5,11 +5,9 @@
  * drives both with autocannon on 127.0.0.1, alternating rounds so drift on a shared machine hits both
  * alike. Every figure is reported as a ratio to the baseline measured in the same run.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import autocannon from 'autocannon';
 import bcrypt from 'bcrypt';
@@ -23,6 +21,7 @@ import { Metrics } from '../src/metrics/metrics';
 import { RateLimits } from '../src/rate-limit/rate-limits';
 import { UsageRecorder } from '../src/usage/usage';
 import { checksum, randomBase62 } from '../src/tokens/token-format';
+import { children, startProcess } from './processes';
 
 const ROOT = join(__dirname, '..', '..');
 const QUICK = process.argv.includes('--quick');
@@ -43,50 +42,6 @@ interface Load {
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
 const log = (msg: string) => process.stderr.write(`bench: ${msg}\n`);
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
-
-const children: ChildProcess[] = [];
-process.on('exit', () => children.forEach((c) => c.kill('SIGKILL')));
-
-async function waitHealthy(url: string, child: ChildProcess, logFile: string): Promise<void> {
-  const deadline = Date.now() + 20_000;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`server exited: ${readFileSync(logFile, 'utf8').slice(-2000)}`);
-    try {
-      if ((await fetch(url)).ok) return;
-    } catch {
-      /* not up yet */
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`${url} did not answer within 20 s`);
-}
-
-async function startProcess(name: string, args: string[], env: Record<string, string>, dir: string, health: string) {
-  const port = await freePort();
-  const logFile = join(dir, `${name}.log`);
-  const out = openSync(logFile, 'w');
-  // stdout goes to a file, as a container runtime would take it: logging stays on and costs what it costs.
-  const child = spawn(process.execPath, args, {
-    cwd: dir,
-    env: { PATH: process.env.PATH ?? '', NODE_ENV: 'production', PORT: String(port), HOST: '127.0.0.1', ...env },
-    stdio: ['ignore', out, out],
-  });
-  children.push(child);
-  const base = `http://127.0.0.1:${port}`;
-  await waitHealthy(base + health, child, logFile);
-  return { child, base, port, pid: child.pid! };
-}
 
 function peakRssMb(pid: number): number {
   const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));

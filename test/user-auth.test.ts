@@ -115,10 +115,37 @@ describe('refusing requests without a usable key', () => {
     expect(hasher.verifyCalls).toBe(0);
   });
 
-  test('refuses a well-formed token with an unknown selector without bcrypt', async () => {
+  test('refuses a well-formed token with an unknown selector after the same one bcrypt check a wrong secret costs', async () => {
     await setup();
-    expectError(await request(ctx.app).get('/v1/me').set('X-API-Key', generateToken('kw', 'live').token), 401, 'INVALID_API_KEY');
-    expect(hasher.verifyCalls).toBe(0);
+    const unknown = generateToken('kw', 'live').token;
+    const res = await request(ctx.app).get('/v1/me').set('X-API-Key', unknown);
+    expectError(res, 401, 'INVALID_API_KEY');
+    expect(res.body.error.message).toBe('The API key is not valid.');
+    // Against a decoy hash, so the answer takes as long as for a real selector; the same key again
+    // is refused from memory, as a repeated wrong secret is.
+    expect(hasher.verifyCalls).toBe(1);
+    expectError(await request(ctx.app).get('/v1/me').set('X-API-Key', unknown), 401, 'INVALID_API_KEY');
+    expect(hasher.verifyCalls).toBe(1);
+  });
+
+  test('an unknown selector is answered exactly like a real one with wrong secrets, 429 after ten included', async () => {
+    // Twenty-two wrong keys from one address: above the per-address limit this is not about.
+    const roomy = await createTestApp({ hasher, env: { AUTH_FAILURES_PER_MINUTE: '100' } });
+    const user = await createUser(roomy);
+    const minted = await mintToken(roomy, user.id);
+    const answers = async (token: string) => {
+      const out: string[] = [];
+      for (let i = 0; i < 11; i++) {
+        const res = await request(roomy.app).get('/v1/me').set('X-API-Key', withOtherSecret(token, i));
+        out.push(`${res.status} ${res.body.error?.code} ${res.body.error?.message} ${res.headers['www-authenticate'] ?? ''}`);
+      }
+      return out;
+    };
+    const real = await answers(minted.token);
+    const unknown = await answers(generateToken('kw', 'live').token);
+    await roomy.close();
+    expect(unknown).toEqual(real);
+    expect(real.at(-1)).toMatch(/^429 RATE_LIMITED/);
   });
 
   test('refuses a known selector with a wrong secret, and does not re-run bcrypt for the same wrong token', async () => {

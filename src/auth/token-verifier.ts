@@ -9,7 +9,7 @@ import { parseScopes } from '../tokens/scopes';
 import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 import type { LastUseRecorder } from '../tokens/last-use';
 import type { UsageRecorder } from '../usage/usage';
-import { type Environment, maskToken, type ParsedToken, parseToken } from '../tokens/token-format';
+import { type Environment, maskToken, type ParsedToken, parseToken, randomBase62, SECRET_LENGTH } from '../tokens/token-format';
 import { findCredentialBySelector } from '../tokens/tokens.repository';
 
 /** A key as sent, parsed and hashed once per request. `parsed` is null for anything malformed. */
@@ -93,7 +93,13 @@ export class TokenVerifier {
     const row = await findCredentialBySelector(this.deps.db, parsed.selector);
     // The environment is part of the token: a live key respelt as kw_test_… (checksum recomputed) is
     // not that key, and must not pass for a test key or take the real spelling's place in the cache.
-    if (!row || row.environment !== parsed.environment) throw invalid();
+    if (!row || row.environment !== parsed.environment) {
+      // A key whose selector does not exist goes through the same bcrypt check, against a decoy hash,
+      // as a real selector with a wrong secret: same time, same per-selector limit, same answers, so
+      // nobody learns which selectors exist (docs/security.md has the measurement).
+      await this.checkSecret(parsed.selector, parsed.secret, await this.decoyHash(), digest);
+      throw invalid();
+    }
 
     const known = this.verified.get(row.token_id);
     if (known && timingSafeEqual(known, digest)) {
@@ -142,6 +148,17 @@ export class TokenVerifier {
         allowedIps,
       },
     };
+  }
+
+  private decoy: Promise<string> | undefined;
+
+  /** A bcrypt hash of a random secret nobody holds, at the configured cost; made on first need. */
+  private decoyHash(): Promise<string> {
+    this.decoy ??= this.deps.hasher.hash(randomBase62(SECRET_LENGTH)).catch((err: unknown) => {
+      this.decoy = undefined;
+      throw err;
+    });
+    return this.decoy;
   }
 
   private async checkSecret(selector: string, secret: string, hash: string, digest: Buffer): Promise<void> {

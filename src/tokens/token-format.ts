@@ -12,7 +12,7 @@ export type Environment = 'live' | 'test';
 
 const ALPHABET = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
 const SELECTOR_LENGTH = 12;
-const SECRET_LENGTH = 32;
+export const SECRET_LENGTH = 32;
 const CHECKSUM_LENGTH = 6;
 const MAX_PREFIX_LENGTH = 16;
 /** Nothing longer can be a token; refusing it first keeps the regex and CRC off huge inputs. */
