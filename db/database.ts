@@ -1,7 +1,7 @@
-import { closeSync, chmodSync, mkdirSync, openSync } from 'node:fs';
+import { closeSync, chmodSync, mkdirSync, openSync, statfsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import SqliteDatabase from 'better-sqlite3';
-import { type CompiledQuery, Kysely, Migrator, PostgresAdapter, PostgresDialect, type RawBuilder, SqliteDialect, sql } from 'kysely';
+import { type CompiledQuery, Kysely, Migrator, PostgresAdapter, PostgresDialect, SqliteDialect, sql } from 'kysely';
 import { Pool, types } from 'pg';
 
 const INT8_OID = 20;
@@ -61,6 +61,9 @@ export function openPostgres(url: string, options: { poolSize?: number; schema?:
   return { db, dialect: 'postgres', close: () => db.destroy() };
 }
 
+/** How long SQLite waits for another process's lock before the request gets 503. */
+const BUSY_TIMEOUT_MS = 5000;
+
 export function openSqlite(path: string): Storage {
   if (path !== ':memory:') prepareDatabaseFile(path);
   const sqlite = new SqliteDatabase(path);
@@ -69,7 +72,10 @@ export function openSqlite(path: string): Storage {
   // admin actions, rare next to reads, so the extra fsync costs nothing that matters.
   sqlite.pragma('synchronous = FULL');
   sqlite.pragma('foreign_keys = ON');
-  sqlite.pragma('busy_timeout = 5000');
+  // A statement that meets another process's lock waits this long, synchronously: better-sqlite3
+  // blocks the event loop meanwhile. Reads in WAL mode never meet one in practice; writes wait for the
+  // lock in writeTransaction instead, without blocking.
+  sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
   const statements = withStatementCache(sqlite);
   const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: statements }) });
   sqliteStatements.set(db, statements);
@@ -143,13 +149,41 @@ export async function writeTransaction<T>(db: Db, work: (trx: Db) => Promise<T>)
   // PostgreSQL: read committed, and a step that must be atomic across instances locks the row it
   // depends on (lockUserForUpdate below) before it reads what it counts.
   if (!sqliteStatements.has(db)) return db.transaction().execute(work);
-  return sqliteTransaction(db, sql`begin immediate`, work);
+  const sqlite = sqliteHandles.get(db)!;
+  // While another process holds the write lock, SQLite's own busy wait would block the event loop,
+  // and every request with it, for up to BUSY_TIMEOUT_MS. Instead BEGIN IMMEDIATE is tried without
+  // waiting, and tried again after a pause in which everything else runs.
+  const deadline = Date.now() + BUSY_TIMEOUT_MS;
+  for (let pause = 5; ; pause = Math.min(pause * 2, 100)) {
+    try {
+      return await sqliteTransaction(db, () => beginImmediateNow(sqlite), work);
+    } catch (err) {
+      if (!(err instanceof LockBusy) || Date.now() + pause > deadline) throw err instanceof LockBusy ? err.cause : err;
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
+  }
+}
+
+/** BEGIN IMMEDIATE found the write lock taken. */
+class LockBusy extends Error {}
+
+function beginImmediateNow(sqlite: SqliteDatabase.Database): void {
+  // One synchronous step on the one connection: nothing else can run on it while the timeout is 0.
+  sqlite.pragma('busy_timeout = 0');
+  try {
+    sqlite.exec('begin immediate');
+  } catch (err) {
+    if (sqliteCode(err) === 'SQLITE_BUSY') throw new LockBusy('the write lock is taken', { cause: err });
+    throw err;
+  } finally {
+    sqlite.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+  }
 }
 
 /** Kysely's SQLite transactions always begin DEFERRED; these choose how theirs begins. */
-function sqliteTransaction<T>(db: Db, begin: RawBuilder<unknown>, work: (trx: Db) => Promise<T>): Promise<T> {
+function sqliteTransaction<T>(db: Db, begin: (connection: Db) => Promise<unknown> | void, work: (trx: Db) => Promise<T>): Promise<T> {
   return db.connection().execute(async (connection) => {
-    await begin.execute(connection);
+    await begin(connection);
     try {
       const result = await work(connection);
       await sql`commit`.execute(connection);
@@ -168,7 +202,7 @@ function sqliteTransaction<T>(db: Db, begin: RawBuilder<unknown>, work: (trx: Db
  */
 export async function readSnapshot<T>(db: Db, work: (trx: Db) => Promise<T>): Promise<T> {
   if (!sqliteStatements.has(db)) return db.transaction().setIsolationLevel('repeatable read').execute(work);
-  return sqliteTransaction(db, sql`begin`, work);
+  return sqliteTransaction(db, (connection) => sql`begin`.execute(connection), work);
 }
 
 /** The file is created before SQLite opens it, so there is no moment where others can read it. */
@@ -241,4 +275,18 @@ export function isStorageUnavailable(err: unknown): boolean {
     message.includes('timeout exceeded when trying to connect') ||
     message.includes('Connection terminated')
   );
+}
+
+/**
+ * The cause in plain words where SQLite's own message misleads: on a full disk SQLite cannot grow its
+ * -shm file and says only "disk I/O error". Undefined when SQLite's message is clear enough.
+ */
+export function storageFailureHint(err: unknown, path: string): string | undefined {
+  if (!sqliteCode(err).startsWith('SQLITE_IOERR')) return undefined;
+  try {
+    if (statfsSync(dirname(path)).bavail === 0) return `no space left on the filesystem of ${dirname(path)}`;
+  } catch {
+    // The directory itself is the problem: SQLite's error already says so.
+  }
+  return undefined;
 }

@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
-import { createServer } from 'node:http';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { migrateToLatest, openDatabase, type Storage } from '../db/database';
+import { migrateToLatest, openDatabase, type Storage, storageFailureHint } from '../db/database';
 import { createApp } from './app';
 import { ConfigError, loadConfig } from './config';
 import { answerClientError } from './http/client-errors';
@@ -31,7 +31,11 @@ async function main(): Promise<void> {
     storage = openDatabase(config);
     await migrateToLatest(storage.db);
   } catch (err) {
-    logger.fatal({ err, database: config.databaseUrl ? 'postgres' : config.databasePath }, 'cannot open or migrate the database; refusing to start');
+    const hint = config.databaseUrl ? undefined : storageFailureHint(err, config.databasePath);
+    logger.fatal(
+      { err, database: config.databaseUrl ? 'postgres' : config.databasePath },
+      hint ? `cannot open or migrate the database: ${hint}; refusing to start` : 'cannot open or migrate the database; refusing to start',
+    );
     process.exit(1);
   }
 
@@ -60,6 +64,13 @@ async function main(): Promise<void> {
     logger.info({ host: address, port, database: config.databaseUrl ? 'postgres' : config.databasePath }, 'keyward listening');
   });
   server.on('clientError', answerClientError);
+  // Answers still being made when the signal comes close their connection: a kept-alive one would
+  // otherwise sit idle until keepAliveTimeout and hold server.close(), and the exit, that long.
+  const inFlight = new Set<ServerResponse>();
+  server.on('request', (_req: IncomingMessage, res: ServerResponse) => {
+    inFlight.add(res);
+    res.once('close', () => inFlight.delete(res));
+  });
   server.on('error', (err) => {
     logger.fatal({ err }, 'cannot listen');
     process.exit(1);
@@ -71,6 +82,11 @@ async function main(): Promise<void> {
     stopping = true;
     logger.info({ signal }, 'shutting down: finishing in-flight requests');
     lifecycle.draining = true;
+    for (const res of inFlight) {
+      if (!res.headersSent) res.shouldKeepAlive = false;
+      // Already told its client the connection stays open: close it once it is idle.
+      else res.once('close', () => server.closeIdleConnections());
+    }
     const force = setTimeout(() => {
       logger.warn('in-flight requests did not finish in time; closing their connections');
       server.closeAllConnections();

@@ -1,4 +1,9 @@
-import { migrateToLatest, openSqlite, type Storage } from '../db/database';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import SqliteDatabase from 'better-sqlite3';
+import { sql } from 'kysely';
+import { isStorageUnavailable, migrateToLatest, openSqlite, type Storage, writeTransaction } from '../db/database';
 import { findCredentialBySelector } from '../src/tokens/tokens.repository';
 
 let storage: Storage;
@@ -48,4 +53,53 @@ describe('the credential lookup (hotRead)', () => {
     await expect(transaction).rejects.toThrow('roll back');
     expect((await lookup)?.revoked_at).toBeNull();
   });
+});
+
+describe('writeTransaction on a SQLite file another process is writing to', () => {
+  let dir: string;
+  let file: Storage;
+  let other: SqliteDatabase.Database;
+  beforeEach(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'keyward-seam-'));
+    file = openSqlite(join(dir, 'keyward.db'));
+    await sql`create table t (x integer)`.execute(file.db);
+    other = new SqliteDatabase(join(dir, 'keyward.db'));
+  });
+  afterEach(async () => {
+    other.close();
+    await file.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('waits for the write lock without blocking the event loop, reads go on meanwhile, and it writes once the lock is free', async () => {
+    other.exec('begin immediate');
+    let ticks = 0;
+    const ticker = setInterval(() => ticks++, 10);
+    const write = writeTransaction(file.db, async (trx) => {
+      await sql`insert into t (x) values (1)`.execute(trx);
+      return 'written';
+    });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    // SQLite's own busy wait would have held the whole process here (better-sqlite3 is synchronous).
+    expect(ticks).toBeGreaterThan(10);
+    expect((await sql<{ n: number }>`select count(*) as n from t`.execute(file.db)).rows).toEqual([{ n: 0 }]);
+    other.exec('commit');
+    await expect(write).resolves.toBe('written');
+    clearInterval(ticker);
+    expect((await sql<{ n: number }>`select count(*) as n from t`.execute(file.db)).rows).toEqual([{ n: 1 }]);
+  });
+
+  test('gives up after the busy timeout with SQLITE_BUSY (a 503 for the request), having written nothing', async () => {
+    other.exec('begin immediate');
+    const started = Date.now();
+    const error = await writeTransaction(file.db, async (trx) => sql`insert into t (x) values (1)`.execute(trx)).then(
+      () => undefined,
+      (err: unknown) => err,
+    );
+    other.exec('rollback');
+    expect(isStorageUnavailable(error)).toBe(true);
+    expect((error as { code?: string }).code).toBe('SQLITE_BUSY');
+    expect(Date.now() - started).toBeGreaterThanOrEqual(4_500);
+    expect((await sql<{ n: number }>`select count(*) as n from t`.execute(file.db)).rows).toEqual([{ n: 0 }]);
+  }, 15_000);
 });

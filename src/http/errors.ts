@@ -31,8 +31,8 @@ export interface FieldProblem {
 }
 
 /**
- * The one error family. `expose` is false for 5xx: their message is replaced by a generic one in the
- * response and the original goes to the log only.
+ * The one error family. `expose` is false for 5xx but 503: their message is replaced by a generic one
+ * in the response and the original goes to the log only.
  */
 export class AppError extends Error {
   readonly expose: boolean;
@@ -47,7 +47,8 @@ export class AppError extends Error {
   ) {
     super(message);
     this.name = 'AppError';
-    this.expose = status < 500;
+    // 503's messages are fixed texts that say to try again, never a cause.
+    this.expose = status < 500 || code === 'UNAVAILABLE';
   }
 }
 
