@@ -20,7 +20,7 @@ function makeAjv(forStrings: boolean): Ajv2020 {
     coerceTypes: forStrings,
     useDefaults: forStrings,
   });
-  addFormats(ajv, ['email', 'date', 'date-time', 'uri']);
+  addFormats(ajv, ['email', 'date', 'date-time', 'uri', 'int32', 'int64']);
   ajv.addKeyword('example');
   return ajv;
 }
@@ -71,6 +71,28 @@ export function toProblems(where: FieldProblem['in'], errors: ErrorObject[] | nu
   return problems;
 }
 
+/**
+ * Where a NUL character sits in a value (a string, or a key or string inside it), or null. Iterative,
+ * because bodies can be deep.
+ */
+function nulAt(value: unknown): string | null {
+  const stack: Array<[unknown, string]> = [[value, '']];
+  while (stack.length > 0) {
+    const [current, path] = stack.pop()!;
+    if (typeof current === 'string') {
+      if (current.includes('\u0000')) return path;
+      continue;
+    }
+    if (typeof current !== 'object' || current === null) continue;
+    for (const [key, child] of Object.entries(current)) {
+      const childPath = join(path, key);
+      if (key.includes('\u0000')) return childPath;
+      stack.push([child, childPath]);
+    }
+  }
+  return null;
+}
+
 export interface OperationValidator {
   (raw: { params: Record<string, unknown>; query: Record<string, unknown>; body: unknown; hasBody: boolean }): ValidatedInput;
 }
@@ -91,6 +113,12 @@ export function buildValidator(op: OperationSpec): OperationValidator {
     }
     if (!op.requestBody && raw.hasBody) {
       problems.push({ field: 'body', in: 'body', message: 'this operation takes no request body' });
+    }
+    // PostgreSQL cannot store NUL in text (it would be a 500), and SQLite would keep it silently: no
+    // value keyward stores or looks up has a use for one, so it is refused on both.
+    for (const [where, value] of [['path', input.params], ['query', input.query], ['body', input.body]] as const) {
+      const field = nulAt(value);
+      if (field !== null) problems.push({ field: field === '' ? where : field, in: where, message: 'must not contain NUL characters' });
     }
     if (problems.length > 0) throw validationError(problems);
     return input;
