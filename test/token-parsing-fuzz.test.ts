@@ -3,9 +3,8 @@ import type { KyselyPlugin } from 'kysely';
 import request from 'supertest';
 import { createApp, type KeywardApp } from '../src/app';
 import { createLogger } from '../src/logger';
-import { bcryptHasher, type SecretHasher } from '../src/tokens/secret-hasher';
 import { checksum, generateToken, MAX_TOKEN_LENGTH, parseToken } from '../src/tokens/token-format';
-import { ADMIN_KEY, createTestApp, createUser, mintToken, type TestContext } from './helpers/app';
+import { ADMIN_KEY, CountingHasher, createTestApp, createUser, mintToken, type TestContext } from './helpers/app';
 import {
   asReceived,
   contractErrorCodes,
@@ -141,18 +140,6 @@ describe('parseToken', () => {
   });
 });
 
-/** The real bcrypt, counted: the claim is about what the request path calls. */
-class CountingHasher implements SecretHasher {
-  private readonly real = bcryptHasher(4, 2);
-  verifyCalls = 0;
-  hash(secret: string) {
-    return this.real.hash(secret);
-  }
-  verify(secret: string, hash: string) {
-    this.verifyCalls++;
-    return this.real.verify(secret, hash);
-  }
-}
 
 /**
  * Counts every statement the app sends, compiled (transformQuery) or run from a precompiled query

@@ -1,20 +1,7 @@
 import request from 'supertest';
-import { bcryptHasher, type SecretHasher } from '../src/tokens/secret-hasher';
 import { checksum, generateToken, randomBase62 } from '../src/tokens/token-format';
-import { ADMIN_KEY, admin, createTestApp, createUser, expectError, mintToken, type TestContext } from './helpers/app';
+import { ADMIN_KEY, admin, CountingHasher, createTestApp, createUser, expectError, mintToken, type TestContext } from './helpers/app';
 
-/** The real bcrypt, counted: a fake would prove nothing about what the hot path calls. */
-class CountingHasher implements SecretHasher {
-  private readonly real = bcryptHasher(4, 2);
-  verifyCalls = 0;
-  hash(secret: string) {
-    return this.real.hash(secret);
-  }
-  verify(secret: string, hash: string) {
-    this.verifyCalls++;
-    return this.real.verify(secret, hash);
-  }
-}
 
 let ctx: TestContext;
 let hasher: CountingHasher;

@@ -10,7 +10,20 @@ import type { Clock } from '../../src/clock';
 import type { Lifecycle } from '../../src/health/health.routes';
 import { loadConfig, type Config } from '../../src/config';
 import { createLogger } from '../../src/logger';
-import type { SecretHasher } from '../../src/tokens/secret-hasher';
+import { bcryptHasher, type SecretHasher } from '../../src/tokens/secret-hasher';
+
+/** The real bcrypt, counted: a fake would prove nothing about what the request path calls. */
+export class CountingHasher implements SecretHasher {
+  private readonly real = bcryptHasher(4, 2);
+  verifyCalls = 0;
+  hash(secret: string) {
+    return this.real.hash(secret);
+  }
+  verify(secret: string, hash: string) {
+    this.verifyCalls++;
+    return this.real.verify(secret, hash);
+  }
+}
 
 export const ADMIN_KEY = 'kw-admin-0123456789abcdefghijklmnopqrstuvwxyz';
 
