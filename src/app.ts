@@ -2,7 +2,7 @@ import express, { type Express } from 'express';
 import type { Db } from '../db/database';
 import { requireAdmin } from './auth/admin-auth';
 import { TokenVerifier } from './auth/token-verifier';
-import { requireUser } from './auth/user-auth';
+import { requireClientAddress, requireUser } from './auth/user-auth';
 import { type Clock, systemClock } from './clock';
 import type { Config } from './config';
 import { docsRouter } from './docs/docs.routes';
@@ -128,6 +128,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   const adminKeys = config.adminKeyNextDigest ? [config.adminKeyDigest, config.adminKeyNextDigest] : [config.adminKeyDigest];
   const observers = config.metricsEnabled ? [metrics.observe, auditFailures] : [auditFailures];
   app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, observers, adminKeys));
+  if (config.trustProxy !== false) app.use(requireClientAddress);
 
   const doc = loadSpec();
   const operations = listOperations(doc);

@@ -214,6 +214,31 @@ describe('whose identity headers are believed', () => {
     expect(users[0]!.email).toBe(ALICE.email);
   });
 
+  test('an identity longer than the admin API allows (subject 256, username 200, 100 groups of 256) is 401 and stores nothing', async () => {
+    const ctx = await app({ ...TRUSTED, SSO_AUTO_PROVISION: 'on' });
+    const longest: Person = {
+      email: 'long@example.com',
+      subject: 's'.repeat(256),
+      username: 'u'.repeat(200),
+      // 100 groups, one of them 256 characters long (100 that long would not fit in 16 KiB of headers).
+      groups: [...Array.from({ length: 99 }, (_, i) => `group-${i}`), 'g'.repeat(256)].join(','),
+    };
+    const fits = await get(ctx, '/sso/me', longest);
+    expect(fits.status).toBe(200);
+    expect(fits.body.identity.groups).toHaveLength(100);
+    for (const tooLong of [
+      { ...longest, email: 'a@example.com', subject: 's'.repeat(257) },
+      { ...longest, email: 'b@example.com', username: 'u'.repeat(201) },
+      { ...longest, email: 'c@example.com', groups: `${longest.groups},one-more` },
+      { ...longest, email: 'd@example.com', groups: 'g'.repeat(257) },
+    ]) {
+      const res = await get(ctx, '/sso/me', tooLong);
+      expectError(res, 401, 'AUTHENTICATION_REQUIRED');
+      expect(res.body.error.message).toMatch(/longer than keyward accepts/);
+    }
+    expect((await allUsers(ctx)).map((u) => u.email)).toEqual(['long@example.com']);
+  });
+
   test('SSO_HEADER_PREFIX=X-Auth-Request- reads the X-Auth-Request-* headers and ignores X-Forwarded-*', async () => {
     const ctx = await app({ ...TRUSTED, SSO_HEADER_PREFIX: 'X-Auth-Request-' });
     const { user } = await aliceWithKey(ctx);

@@ -253,6 +253,25 @@ describe('enforcement with TRUST_PROXY=loopback (the peer is a trusted proxy)', 
     const { minted } = await userWithToken(ctx, { allowed_ips: ['10.0.0.0/8'] });
     expect(expectError(await me(ctx, minted.token), 403, 'FORBIDDEN_IP').details).toEqual({ ip: '127.0.0.1' });
   });
+
+  test.each([
+    ['loopback', 'not-an-address'],
+    ['loopback', '10.1.2.3, <script>'],
+    ['2', 'anything, 127.0.0.1'],
+  ])('TRUST_PROXY=%s: a client address that is not an IP address (X-Forwarded-For: %s) is refused with 400, on every API', async (trust, forwarded) => {
+    const ctx = await app({ TRUST_PROXY: trust });
+    const { minted } = await userWithToken(ctx, { allowed_ips: ['10.0.0.0/8'] });
+    const bad = { 'X-Forwarded-For': forwarded };
+    const answers = [
+      await me(ctx, minted.token, bad),
+      await request(ctx.app).get('/admin/users').set(admin).set(bad),
+      await request(ctx.app).get('/healthz').set(bad),
+    ];
+    for (const res of answers) {
+      expect(expectError(res, 400, 'VALIDATION_ERROR').details).toEqual([{ field: 'X-Forwarded-For', in: 'header', message: 'must list IP addresses' }]);
+    }
+    expect(ctx.app.lastUse.pending(minted.id)).toBeUndefined();
+  });
 });
 
 describe('the allowlist is checked after the key itself', () => {

@@ -1,4 +1,5 @@
-import type { Request, Response } from 'express';
+import { isIP } from 'node:net';
+import type { Request, RequestHandler, Response } from 'express';
 import type { Actor } from '../audit/audit';
 import type { Guard } from '../http/operations';
 import { AppError } from '../http/errors';
@@ -28,6 +29,21 @@ function presentedKey(req: Request): string {
 
 /** The caller's address as TRUST_PROXY allows it to be known. */
 export const clientIpOf = (req: Request): string => req.ip ?? req.socket.remoteAddress ?? '';
+
+/**
+ * With TRUST_PROXY, the caller's address comes from X-Forwarded-For, and a proxy that passes on what a
+ * client wrote there (say, a hop count larger than the proxies in front) makes it any text the client
+ * likes. Such a request is refused: a client address that is not an address would match no allowlist
+ * and get per-address limits of its own for every spelling.
+ */
+export const requireClientAddress: RequestHandler = (req, _res, next) => {
+  if (isIP(clientIpOf(req)) !== 0) return next();
+  next(
+    new AppError(400, 'VALIDATION_ERROR', 'X-Forwarded-For does not name the client by its IP address.', [
+      { field: 'X-Forwarded-For', in: 'header', message: 'must list IP addresses' },
+    ]),
+  );
+};
 
 /** Outcomes that mean the caller does not hold a valid key: they count against its address. */
 const WRONG_KEY = new Set(['INVALID_API_KEY', 'RATE_LIMITED']);

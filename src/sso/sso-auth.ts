@@ -88,6 +88,10 @@ export function requireSso(config: Config, sso: SsoService, limits: RateLimits):
         .map((g) => g.trim())
         .filter((g) => g !== ''),
     };
+    // The same bounds the admin API puts on a subject and a name: what the proxy sends is stored.
+    if (identity.subject.length > 256 || (identity.username?.length ?? 0) > 200 || identity.groups.length > 100 || identity.groups.some((g) => g.length > 256)) {
+      throw signIn('The sign-in proxy sent an identity longer than keyward accepts (subject 256, username 200, 100 groups of 256 characters); ask the admin to check its configuration.');
+    }
     const { ip, requestId } = auditContextOf(req, res);
     const user = await sso.userFor(identity, { ip, requestId });
     const context: SsoContext = { user, identity };
