@@ -15,6 +15,9 @@ import type { Database } from './schema';
  */
 export type Db = Kysely<Database>;
 
+/** The largest id either database numbers: PostgreSQL's serial ids are int4. The API refuses larger ones. */
+export const MAX_ID = 2_147_483_647;
+
 export interface Storage {
   readonly db: Db;
   readonly dialect: 'sqlite' | 'postgres';

@@ -160,6 +160,8 @@ describe('GET /admin/users', () => {
     ['limit=ten', 'limit', 'must be integer'],
     ['limit=1&limit=2', 'limit', 'must be integer'],
     ['cursor=bm9wZQ', 'cursor', 'is not a cursor this server issued'],
+    // id:2147483648, past any id the database numbers (a 500 on PostgreSQL before the bound)
+    ['cursor=aWQ6MjE0NzQ4MzY0OA', 'cursor', 'is not a cursor this server issued'],
     ['sort=email', 'sort', 'is not a known field'],
   ])('refuses ?%s with 400 naming the query parameter', async (query, field, message) => {
     const res = await request(ctx.app).get(`/admin/users?${query}`).set(admin);

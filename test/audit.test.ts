@@ -791,6 +791,15 @@ describe('GET /admin/audit filters', () => {
   });
 });
 
+test('an actor filter naming a user id no database can hold matches nothing (it was a 500 on PostgreSQL)', async () => {
+  const ctx = await app();
+  await createUser(ctx);
+  for (const actor of ['user:2147483648', 'user:99999999999999999999']) {
+    const res = await request(ctx.app).get('/admin/audit').query({ actor }).set(admin);
+    expect({ actor, status: res.status, data: res.body.data }).toEqual({ actor, status: 200, data: [] });
+  }
+});
+
 describe('keyset pagination, newest first', () => {
   async function createUsers(ctx: TestContext, n: number): Promise<void> {
     for (let i = 0; i < n; i++) {

@@ -774,7 +774,7 @@ describe('GET /v1/bots/{id}', () => {
     ['-1', 'must be >= 1'],
     ['abc', 'must be integer'],
     ['1.5', 'must be integer'],
-    ['9007199254740992', 'must be <= 9007199254740991'],
+    ['2147483648', 'must be <= 2147483647'],
   ])('an id of %s is 400 in the path, on every bot route', async (id, message) => {
     const { key } = await runner();
     const problem = { field: 'id', in: 'path', message };

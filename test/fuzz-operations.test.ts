@@ -251,7 +251,11 @@ function queryFor(op: Operation): fc.Arbitrary<QueryPair[]> {
     if (typeof schema.pattern === 'string') candidates.push(fc.stringMatching(new RegExp(schema.pattern)));
     if (schema.format === 'date') candidates.push(fc.constantFrom('2026-01-01', '2025-01-01', '2024-12-31', '2026-02-30', '0000-01-01', '9999-12-31'));
     if (schema.format === 'date-time') candidates.push(fc.constantFrom('2026-01-01T00:00:00Z', '2026-13-01T00:00:00Z', '1970-01-01T00:00:00.000Z'));
-    if (p.name === 'cursor') candidates.push(fc.constantFrom('MQ', 'eyJpZCI6MX0', 'AAAA', '-1', 'bnVsbA', 'x'.repeat(200)));
+    if (p.name === 'cursor') {
+      candidates.push(fc.constantFrom('MQ', 'eyJpZCI6MX0', 'AAAA', '-1', 'bnVsbA', 'x'.repeat(200)));
+      // Well-formed cursors for any id, including past what the database numbers.
+      candidates.push(fc.oneof(fc.nat(), fc.constantFrom(2 ** 31 - 1, 2 ** 31, 2 ** 53, 999_999_999_999_999)).map((id) => Buffer.from(`id:${id}`).toString('base64url')));
+    }
     if (p.name === 'actor') candidates.push(fc.constantFrom('admin', 'key', 'sso', 'anonymous', 'system', 'user:1', 'token:1', 'user:x'));
     return fc.record({ name: fc.constant(p.name), value: fc.oneof(...candidates), raw: fc.boolean() });
   });

@@ -5,7 +5,7 @@ import { HELMET_OPTIONS } from '../src/http/security-headers';
 import request from 'supertest';
 import { errorHandler } from '../src/http/error-handler';
 import { createLogger } from '../src/logger';
-import { admin, createTestApp, createUser, expectError, type TestContext } from './helpers/app';
+import { admin, createTestApp, createUser, expectError, mintToken, type TestContext } from './helpers/app';
 
 let ctx: TestContext;
 beforeEach(async () => {
@@ -179,5 +179,35 @@ describe('security headers', () => {
     expect(helmetNames.length).toBeGreaterThanOrEqual(10);
     for (const name of helmetNames) expect({ name, value: ours[name] }).toEqual({ name, value: reference[name] });
     expect(ours['x-powered-by']).toBeUndefined();
+  });
+});
+
+describe('ids beyond what the database numbers (PostgreSQL serial: 2^31 - 1)', () => {
+  test('the largest id is a plain 404, the next one a 400 naming the bound, on every API (found by the fuzz as a 500 on PostgreSQL)', async () => {
+    const ctx = await createTestApp({ env: { SSO_TRUSTED_PROXIES: '127.0.0.1, ::1' } });
+    try {
+      const sso = { 'X-Forwarded-Email': 'ids@example.com', 'X-Forwarded-User': 'ids', 'X-Keyward-CSRF': '1' };
+      const user = await createUser(ctx, { email: 'ids@example.com' });
+      const { token } = await mintToken(ctx, user.id, { scopes: ['bots:read', 'bots:write', 'tokens:read', 'tokens:write'] });
+      const routes = (id: string) => [
+        request(ctx.app).get(`/admin/tokens/${id}`).set(admin),
+        request(ctx.app).get(`/admin/users/${id}`).set(admin),
+        request(ctx.app).get(`/v1/bots/${id}`).set('X-API-Key', token),
+        request(ctx.app).post(`/v1/tokens/${id}/rotate`).set('X-API-Key', token).send({}),
+        request(ctx.app).post(`/sso/tokens/${id}/rotate`).set(sso).send({}),
+      ];
+      for (const res of await Promise.all(routes('2147483647'))) expectError(res, 404, 'NOT_FOUND');
+      // A cursor at the largest id still names a page; one past it is no cursor (test/admin-users.test.ts).
+      const lastCursor = Buffer.from('id:2147483647').toString('base64url');
+      for (const path of ['/admin/users', '/admin/tokens', '/admin/bots', '/admin/audit']) {
+        const page = await request(ctx.app).get(`${path}?cursor=${lastCursor}`).set(admin);
+        expect([path, page.status]).toEqual([path, 200]);
+      }
+      for (const res of await Promise.all(routes('2147483648'))) {
+        expect(expectError(res, 400, 'VALIDATION_ERROR').details).toEqual([{ field: 'id', in: 'path', message: 'must be <= 2147483647' }]);
+      }
+    } finally {
+      await ctx.close();
+    }
   });
 });

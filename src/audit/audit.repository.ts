@@ -1,4 +1,5 @@
-import type { Db } from '../../db/database';
+import { sql } from 'kysely';
+import { type Db, MAX_ID } from '../../db/database';
 import type { AuditEventRow } from '../../db/schema';
 
 export interface AuditFilter {
@@ -22,7 +23,8 @@ export async function listAuditEvents(db: Db, filter: AuditFilter, beforeId: num
   if (beforeId > 0) query = query.where('id', '<', beforeId);
   if (filter.actor !== undefined) {
     const byUser = /^user:(\d+)$/.exec(filter.actor);
-    if (byUser) query = query.where('actor_user_id', '=', Number(byUser[1]));
+    // An id no database could hold (PostgreSQL's ids are int4) is nobody's, not an error.
+    if (byUser) query = Number(byUser[1]) <= MAX_ID ? query.where('actor_user_id', '=', Number(byUser[1])) : query.where(sql<boolean>`false`);
     else if (ACTOR_TYPES.has(filter.actor)) query = query.where('actor_type', '=', filter.actor as AuditEventRow['actor_type']);
     else query = query.where('actor_id', '=', filter.actor);
   }

@@ -1,3 +1,4 @@
+import { MAX_ID } from '../../db/database';
 import { validationError } from './errors';
 
 /** Keyset pagination over ascending integer ids; the cursor is opaque to clients. */
@@ -19,8 +20,9 @@ export function pageRequest(query: Record<string, unknown>): PageRequest {
   const limit = query.limit as number;
   const cursor = query.cursor as string | undefined;
   if (cursor === undefined) return { limit, afterId: 0 };
-  const match = /^id:(\d{1,15})$/.exec(Buffer.from(cursor, 'base64url').toString('utf8'));
-  if (!match) throw validationError([{ field: 'cursor', in: 'query', message: 'is not a cursor this server issued' }]);
+  const match = /^id:(\d{1,10})$/.exec(Buffer.from(cursor, 'base64url').toString('utf8'));
+  // Beyond MAX_ID no server issued it, and PostgreSQL would fail the comparison with its int4 ids.
+  if (!match || Number(match[1]) > MAX_ID) throw validationError([{ field: 'cursor', in: 'query', message: 'is not a cursor this server issued' }]);
   return { limit, afterId: Number(match[1]) };
 }
 
