@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import request from 'supertest';
 import { adminFingerprint } from '../src/audit/audit';
-import { ADMIN_KEY, createTestApp, expectError, type TestContext } from './helpers/app';
+import { ADMIN_KEY, appsClosedAfterEach, expectError } from './helpers/app';
 import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
@@ -13,15 +13,7 @@ import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers, 
 
 const NEXT_KEY = 'kw-admin-next-9876543210ZYXWVUTSRQPONMLKJIH';
 
-const contexts: TestContext[] = [];
-async function app(env: Record<string, string> = {}): Promise<TestContext> {
-  const ctx = await createTestApp({ env });
-  contexts.push(ctx);
-  return ctx;
-}
-afterEach(async () => {
-  for (const ctx of contexts.splice(0)) await ctx.close();
-});
+const app = appsClosedAfterEach();
 
 const withKey = (key: string) => ({ 'X-Admin-API-Key': key });
 

@@ -1,6 +1,6 @@
 import request from 'supertest';
 import { checksum, generateToken, randomBase62 } from '../src/tokens/token-format';
-import { ADMIN_KEY, admin, createTestApp, createUser, expectError, mintToken, type TestContext } from './helpers/app';
+import { ADMIN_KEY, admin, appsClosedAfterEach, createUser, expectError, mintToken, type TestContext } from './helpers/app';
 
 /**
  * Forward auth (GET /auth/verify, issue "forward auth for gateways"): nginx auth_request, Traefik
@@ -10,15 +10,7 @@ import { ADMIN_KEY, admin, createTestApp, createUser, expectError, mintToken, ty
  * Everything /v1 refuses must be refused here too, or the gateway would be a way around it.
  */
 
-const contexts: TestContext[] = [];
-async function app(env: Record<string, string> = {}): Promise<TestContext> {
-  const ctx = await createTestApp({ env });
-  contexts.push(ctx);
-  return ctx;
-}
-afterEach(async () => {
-  for (const ctx of contexts.splice(0)) await ctx.close();
-});
+const app = appsClosedAfterEach();
 
 const verify = (ctx: TestContext, key: string | undefined, query = '', headers: Record<string, string> = {}) => {
   const req = request(ctx.app).get(`/auth/verify${query}`);

@@ -248,28 +248,45 @@ test(`under load, SIGTERM finishes what was begun, refuses what comes after, exi
   expect((await again.stop('SIGTERM')).code).toBe(0);
 }, 90_000);
 
+/**
+ * A mint the server has begun (it answered 100 Continue) whose body stops after `sendFirst` bytes;
+ * resolves once those are written, with the answer still to come and the call that sends the rest.
+ */
+async function heldBackMint(options: {
+  port: number;
+  userId: number;
+  admin: Record<string, string>;
+  body: Record<string, unknown>;
+  sendFirst: number;
+  agent?: http.Agent;
+}): Promise<{ mint: Promise<Outcome>; writeRest: () => void }> {
+  let writeRest: () => void = () => undefined;
+  let begun: () => void = () => undefined;
+  const begunPromise = new Promise<void>((r) => (begun = r));
+  const mint = call({
+    port: options.port,
+    method: 'POST',
+    path: `/admin/users/${options.userId}/tokens`,
+    headers: options.admin,
+    body: options.body,
+    agent: options.agent,
+    expectContinue: true,
+    writeBody: (req, body) => {
+      req.write(body.subarray(0, options.sendFirst));
+      writeRest = () => req.end(body.subarray(options.sendFirst));
+      begun();
+    },
+  });
+  await begunPromise;
+  return { mint, writeRest: () => writeRest() };
+}
+
 describe('a slow request in flight at SIGTERM', () => {
   test('a body still trickling in is read to the end and answered, then the process exits 0', async () => {
     const { server, env, dir, admin } = await start();
     const user = expectStatus(await call({ port: server.port, method: 'POST', path: '/admin/users', headers: admin, body: { email: 'slow@example.com' } }), 201, 'user');
 
-    let writeRest: () => void = () => undefined;
-    let begun: () => void = () => undefined;
-    const begunPromise = new Promise<void>((r) => (begun = r));
-    const mint = call({
-      port: server.port,
-      method: 'POST',
-      path: `/admin/users/${user.id}/tokens`,
-      headers: admin,
-      body: { name: 'trickled', scopes: ['bots:read'] },
-      expectContinue: true,
-      writeBody: (req, body) => {
-        req.write(body.subarray(0, 10));
-        writeRest = () => req.end(body.subarray(10));
-        begun();
-      },
-    });
-    await begunPromise;
+    const { mint, writeRest } = await heldBackMint({ port: server.port, userId: user.id, admin, body: { name: 'trickled', scopes: ['bots:read'] }, sendFirst: 10 });
     server.child.kill('SIGTERM');
     await waitForLog(server, 'shutting down: finishing in-flight requests');
     expectRefusedSoon(await refusedSoon(server.port));
@@ -390,24 +407,7 @@ describe('bounded by SHUTDOWN_TIMEOUT_SECONDS', () => {
     const { server, admin } = await start();
     const user = expectStatus(await call({ port: server.port, method: 'POST', path: '/admin/users', headers: admin, body: { email: 'linger@example.com' } }), 201, 'user');
     const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-    let writeRest: () => void = () => undefined;
-    let begun: () => void = () => undefined;
-    const begunPromise = new Promise<void>((r) => (begun = r));
-    const mint = call({
-      port: server.port,
-      method: 'POST',
-      path: `/admin/users/${user.id}/tokens`,
-      headers: admin,
-      body: { name: 'in-flight' },
-      agent,
-      expectContinue: true,
-      writeBody: (req, body) => {
-        req.write(body.subarray(0, 5));
-        writeRest = () => req.end(body.subarray(5));
-        begun();
-      },
-    });
-    await begunPromise;
+    const { mint, writeRest } = await heldBackMint({ port: server.port, userId: user.id, admin, body: { name: 'in-flight' }, sendFirst: 5, agent });
     server.child.kill('SIGTERM');
     await waitForLog(server, 'shutting down: finishing in-flight requests');
     writeRest();

@@ -3,7 +3,7 @@ import { ConfigError } from '../src/config';
 import { clientNetwork } from '../src/tokens/ip-allowlist';
 import { bcryptHasher, type SecretHasher } from '../src/tokens/secret-hasher';
 import { checksum, generateToken, randomBase62 } from '../src/tokens/token-format';
-import { ADMIN_KEY, admin, createTestApp, createUser, expectError, mintToken, testConfig, type TestContext } from './helpers/app';
+import { ADMIN_KEY, admin, appsClosedAfterEach, createUser, expectError, mintToken, testConfig, type TestContext } from './helpers/app';
 
 /**
  * Rate limits ("Concurrency limits", rate-limit part): each user's requests a minute on /v1, wrong keys
@@ -14,15 +14,7 @@ import { ADMIN_KEY, admin, createTestApp, createUser, expectError, mintToken, te
  * announced reset lies within the minute.
  */
 
-const contexts: TestContext[] = [];
-async function app(env: Record<string, string> = {}, hasher?: SecretHasher): Promise<TestContext> {
-  const ctx = await createTestApp({ env, hasher });
-  contexts.push(ctx);
-  return ctx;
-}
-afterEach(async () => {
-  for (const ctx of contexts.splice(0)) await ctx.close();
-});
+const app = appsClosedAfterEach();
 
 const me = (ctx: TestContext, key: string, headers: Record<string, string> = {}) =>
   request(ctx.app).get('/v1/me').set('X-API-Key', key).set(headers);

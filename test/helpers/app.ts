@@ -111,6 +111,19 @@ export async function createTestApp(
   };
 }
 
+/** For test files that make apps as they go: each test's apps are closed after it. */
+export function appsClosedAfterEach(): (env?: Record<string, string>, hasher?: SecretHasher) => Promise<TestContext> {
+  const contexts: TestContext[] = [];
+  afterEach(async () => {
+    for (const ctx of contexts.splice(0)) await ctx.close();
+  });
+  return async (env = {}, hasher) => {
+    const ctx = await createTestApp({ env, hasher });
+    contexts.push(ctx);
+    return ctx;
+  };
+}
+
 export const admin = { 'X-Admin-API-Key': ADMIN_KEY };
 
 export async function createUser(ctx: TestContext, body: Record<string, unknown> = {}): Promise<{ id: number; email: string }> {
