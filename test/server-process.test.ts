@@ -2,7 +2,6 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import {
-  REPO_ROOT,
   assertBuilt,
   jsonLines,
   makeTempDir,
@@ -19,7 +18,8 @@ import {
  * graceful shutdown, what reaches the logs, and .env loading.
  */
 
-const SEED_FILE = resolve(REPO_ROOT, '..', 'shared', 'seeds', '002_30197c4806175359.txt');
+/** The seed document's admin commands, kept inside the repository (test/fixtures/). */
+const SEED_FILE = resolve(__dirname, 'fixtures', 'seed-admin-commands.txt');
 const FULL_TOKEN = /^kw_live_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}$/;
 
 const newAdminKey = () => randomBytes(32).toString('hex');
@@ -51,12 +51,6 @@ function extractCurl(text: string, firstLine: string): string {
 }
 
 function readSeed(): string {
-  if (!existsSync(SEED_FILE)) {
-    throw new Error(
-      `The seed doc ${SEED_FILE} is missing. These tests run the admin curl commands exactly as written there; ` +
-        'the shared/ folder sits next to the repository in CI.',
-    );
-  }
   return readFileSync(SEED_FILE, 'utf8');
 }
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env node
+// `npm run test:system` starts here: it names, in one message, every system part the system tests
+// need that this machine lacks, and how to get it, instead of letting a dozen tests fail one by one.
+const { accessSync, constants } = require('node:fs');
+const { Client } = require('pg');
+
+const POSTGRES_URL = process.env.KEYWARD_TEST_POSTGRES_URL || 'postgres://postgres@127.0.0.1:5432/test';
+
+function executable(path) {
+  try {
+    accessSync(path, constants.X_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function onPath(name) {
+  return (process.env.PATH || '').split(':').some((dir) => dir && executable(`${dir}/${name}`));
+}
+
+async function postgresAnswers() {
+  const client = new Client({ connectionString: POSTGRES_URL, connectionTimeoutMillis: 3000 });
+  try {
+    await client.connect();
+    await client.query('select 1');
+    return true;
+  } catch {
+    return false;
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
+
+async function main() {
+  const packages = [];
+  const problems = [];
+  const need = (ok, what, pkg) => {
+    if (ok) return;
+    problems.push(what);
+    if (pkg && !packages.includes(pkg)) packages.push(pkg);
+  };
+  // The tests use these exact paths: Debian's packages put them there.
+  need(executable('/usr/bin/chromium'), '/usr/bin/chromium (the browser tests)', 'chromium');
+  need(executable('/usr/sbin/nginx'), '/usr/sbin/nginx (forward auth and the SSO page behind nginx)', 'nginx-light');
+  need(executable('/usr/bin/caddy'), '/usr/bin/caddy (forward auth behind Caddy)', 'caddy');
+  need(onPath('mkfs.ext4') && onPath('chattr') && onPath('e2fsck'), 'mkfs.ext4, e2fsck and chattr (storage faults)', 'e2fsprogs');
+  need(onPath('losetup') && onPath('fallocate'), 'losetup and fallocate (storage faults)', 'util-linux');
+  need(onPath('mount') && onPath('umount'), 'mount and umount (storage faults)', 'mount');
+  const root = process.getuid?.() === 0;
+  need(root, 'root: the storage-fault tests mount tmpfs and ext4 loop devices and set chattr +i');
+  need(await postgresAnswers(), `a PostgreSQL server at ${POSTGRES_URL.replace(/\/\/[^@/]*@/, '//…@')} (set KEYWARD_TEST_POSTGRES_URL; the role must be able to create schemas)`);
+
+  if (problems.length === 0) {
+    console.log('test:system: chromium, nginx, caddy, filesystem tools, root and PostgreSQL are here');
+    return;
+  }
+  const lines = [`test:system cannot run: missing ${problems.join('; ')}.`];
+  if (packages.length > 0) lines.push(`On Debian or Ubuntu: apt-get install -y ${packages.join(' ')}`);
+  if (!root) lines.push('Run it as root (sudo -E npm run test:system).');
+  lines.push('npm test runs everything else and needs only Node.');
+  console.error(lines.join('\n'));
+  process.exit(1);
+}
+
+main().catch((error) => {
+  console.error(`test:system: ${error.message}`);
+  process.exit(1);
+});
