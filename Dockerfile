@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Build: compiles TypeScript and the native modules (better-sqlite3, bcrypt), then drops dev dependencies.
-FROM node:20.20.2-bookworm-slim AS build
+FROM node:24.22.3-bookworm-slim AS build
 WORKDIR /app
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 make g++ \
@@ -15,7 +15,7 @@ COPY public ./public
 RUN npm run build && npm prune --omit=dev
 
 # Run: production dependencies and the built output only, as the unprivileged `node` user.
-FROM node:20.20.2-bookworm-slim
+FROM node:24.22.3-bookworm-slim
 ENV NODE_ENV=production
 ENV DATABASE_PATH=/data/keyward.db
 ENV PORT=8056

@@ -3,8 +3,10 @@
 #   build stage:   clean dir with only what the build stage COPYs -> npm ci -> npm run build -> npm prune --omit=dev
 #   runtime stage: clean dir with only what the final stage COPYs --from=build, the final stage's ENV only,
 #                  CMD `node dist/src/server.js`, then /healthz and the image's own HEALTHCHECK command.
-# It proves the image's file list and environment are enough to run keyward, and that no dev
-# dependency is shipped. Everything happens in a temp dir that is removed on exit.
+#   README:        the quick start's Docker block as a person copies it (the admin key written to .env,
+#                  passed with --env-file), then the walkthrough's ADMIN_TOKEN line against the server.
+# It proves the image's file list and environment are enough to run keyward, that no dev
+# dependency is shipped, and that the README's Docker path leaves the admin key known to its reader. Everything happens in a temp dir that is removed on exit.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -99,8 +101,50 @@ say "final stage ENV: ${IMAGE_ENV[*]}"
 # - PORT: the image listens on 8056, which may be taken here (a running keyward, a parallel CI job).
 #   A free port is picked instead; the HEALTHCHECK below reads it from $PORT just as it does in the image.
 PORT="$(node -e 'const s = require("node:net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); })')"
+# The README's Docker commands, as a person copies them, in a folder of their own: `docker build` is the
+# two stages above; every other line but `docker run` runs verbatim; `docker run`'s --env-file and -e
+# give the container's environment, exactly as Docker reads them (KEY=VALUE lines, no quoting).
+README_BLOCK="$(node -e '
+  const text = require("node:fs").readFileSync(process.argv[1], "utf8");
+  const start = text.indexOf("<!-- docker:start"), end = text.indexOf("<!-- docker:end -->");
+  const m = start >= 0 && end > start && /```bash\n([\s\S]*?)\n```/.exec(text.slice(start, end));
+  if (!m) { console.error("README.md has no bash block between <!-- docker:start --> and <!-- docker:end -->"); process.exit(1); }
+  process.stdout.write(m[1]);
+' "$ROOT/README.md")" || fail "could not read the Docker commands from README.md"
+USER_DIR="$WORK/user"
+mkdir -p "$USER_DIR"
+DOCKER_RUN=""
+while IFS= read -r line; do
+  case "$line" in
+    "docker build "*) say "README: $line (the build and runtime stages above)" ;;
+    "docker run "*) DOCKER_RUN="$line" ;;
+    "") ;;
+    *) say "README: running $line"; (cd "$USER_DIR" && bash -euo pipefail -c "$line") || fail "README line failed: $line" ;;
+  esac
+done <<< "$README_BLOCK"
+[[ -n "$DOCKER_RUN" ]] || fail "the README's Docker block has no docker run line"
+say "README: $DOCKER_RUN"
+mapfile -t CONTAINER_ENV < <(cd "$USER_DIR" && node -e '
+  const fs = require("node:fs");
+  const args = process.argv[1].trim().split(/\s+/).slice(2);
+  const env = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    if (a === "--env-file") {
+      const file = args[++i];
+      if ((fs.statSync(file).mode & 0o077) !== 0) { console.error(`${file} is readable by others`); process.exit(1); }
+      for (const l of fs.readFileSync(file, "utf8").split("\n")) if (l.trim() && !l.startsWith("#")) env.push(l);
+    } else if (a === "-e") env.push(args[++i]);
+    else if (["-d", "--name", "-p", "-v"].includes(a)) { if (a !== "-d") i++; }
+    else if (i === args.length - 1) { if (a !== "keyward") { console.error(`image ${a}, expected keyward`); process.exit(1); } }
+    else { console.error(`docker run option ${a} is not understood by this smoke test`); process.exit(1); }
+  }
+  for (const e of env) console.log(e);
+' "$DOCKER_RUN") || fail "could not follow the README's docker run line"
+printf '%s\n' "${CONTAINER_ENV[@]}" | grep -q '^ADMIN_API_TOKEN=' || fail "the README's docker run gives the container no ADMIN_API_TOKEN"
+
 RUNTIME_ENV=()
-for pair in "${IMAGE_ENV[@]}"; do
+for pair in "${IMAGE_ENV[@]}" "${CONTAINER_ENV[@]}"; do
   case "${pair%%=*}" in
     DATABASE_PATH|PORT) ;;
     *) RUNTIME_ENV+=("$pair") ;;
@@ -108,7 +152,6 @@ for pair in "${IMAGE_ENV[@]}"; do
 done
 RUNTIME_ENV+=(
   "PATH=$PATH"
-  "ADMIN_API_TOKEN=$(openssl rand -hex 32)"
   "DATABASE_PATH=$WORK/data/keyward.db"
   "PORT=$PORT"
 )
@@ -139,6 +182,12 @@ status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/sso/" |
 status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/metrics" || true)"
 [[ "$status" == "200" ]] || fail "/metrics answered $status to this machine, expected 200 (prom-client in the runtime dependencies?)"
 say "/readyz 200, /openapi.json 200, /sso/ 200, /metrics 200"
+
+# The walkthrough's first line, in the same folder, finds the key the container was given.
+ADMIN_LINE="$(grep -m1 '^export ADMIN_TOKEN=' "$ROOT/README.md")" || fail "the README walkthrough has no export ADMIN_TOKEN line"
+status="$(cd "$USER_DIR" && bash -euo pipefail -c "$ADMIN_LINE"' && curl -s -o /dev/null -w "%{http_code}" -H "X-Admin-API-Key: $ADMIN_TOKEN" '"http://127.0.0.1:$PORT/admin/users")" || true
+[[ "$status" == "200" ]] || fail "the walkthrough's ADMIN_TOKEN line gave a key that /admin/users answered $status to, expected 200"
+say "README: the walkthrough's ADMIN_TOKEN from .env is the container's admin key (GET /admin/users 200)"
 
 # The README's `docker exec keyward node dist/src/cli.js backup …`: the image's environment is enough
 # to find the database, and the copy is made while the server runs.

@@ -221,17 +221,19 @@ describe('README', () => {
     expect(server.logs).not.toMatch(FULL_TOKEN);
   });
 
-  test('the quick start\'s test command is `npm test`, and npm test runs jest', () => {
+  test('the quick start\'s test commands are `npm test` and `npm run test:system`, and both run jest', () => {
     const start = README.indexOf('## Quick start');
     expect(start).toBeGreaterThanOrEqual(0);
     const quickStart = README.slice(start, README.indexOf('\n## ', start + 1));
     const runTheTests = quickStart.indexOf('Run the tests');
     expect(runTheTests).toBeGreaterThanOrEqual(0);
     const afterRunTheTests = quickStart.slice(runTheTests);
-    const block = /```bash\n([\s\S]*?)\n```/.exec(afterRunTheTests);
-    expect(block?.[1]?.trim()).toBe('npm test');
+    const blocks = [...afterRunTheTests.matchAll(/```bash\n([\s\S]*?)\n```/g)].map((m) => m[1]!.trim());
+    expect(blocks).toEqual(['npm test', 'npm run test:system']);
 
     const pkg = JSON.parse(readFileSync(join(REPO_ROOT, 'package.json'), 'utf8'));
     expect(pkg.scripts.test).toMatch(/\bjest\b/);
+    // test:system says what is missing before any test runs, then runs the system group and PostgreSQL.
+    expect(pkg.scripts['test:system']).toMatch(/^node scripts\/check-system\.js && .*KEYWARD_TEST_GROUP=system jest && npm run test:postgres$/);
   });
 });
