@@ -9,7 +9,7 @@ import { assertBuilt, makeTempDir, REPO_ROOT, removeTempDirs, runBash, startServ
  * `keyward migrate-data --from <sqlite file> --to <postgres url>` moves a real deployment: a SQLite
  * file filled by a real server (users, rotated tokens, bots, audit entries, usage, credits) goes into
  * an empty PostgreSQL schema, and a server started on PostgreSQL serves the same keys. Runs under
- * `npm run test:postgres` only (jest.config.js leaves it out of `npm test`, which needs nothing installed).
+ * `npm run test:postgres` only (jest.config.js leaves it out of `npm test`, which needs only Node; `npm run test:system` runs it).
  */
 if (!POSTGRES_URL) throw new Error('migrate-data.test.ts runs under `npm run test:postgres` (KEYWARD_TEST_POSTGRES_URL)');
 const CLI = join(REPO_ROOT, 'dist', 'src', 'cli.js');

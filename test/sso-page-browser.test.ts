@@ -217,7 +217,7 @@ describe('the /sso/ page in a real browser behind an oauth2-proxy-like nginx', (
     expect(text).not.toContain(ci.body!.token);
     expect(text).not.toContain(secret.slice(-20));
 
-    // The README's picture is refreshed on request (UPDATE_SCREENSHOTS=1 npm test), so an ordinary run
+    // The README's picture is refreshed on request (UPDATE_SCREENSHOTS=1 npm run test:system), so an ordinary run
     // leaves the repository as it found it; the screenshot is taken either way.
     const shot = process.env.UPDATE_SCREENSHOTS === '1' ? join(REPO_ROOT, 'docs', 'sso-page.png') : join(tmpdir(), `keyward-sso-page-${process.pid}.png`);
     await page.screenshot({ path: shot, fullPage: true });

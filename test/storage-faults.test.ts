@@ -24,7 +24,7 @@ import {
  * The real built server is used because these faults live below the process: file descriptors, the
  * WAL, POSIX locks. SQLite-only by nature: the children get no DATABASE_URL.
  *
- * Needs real root (CI runs tests as root). `unshare --mount --map-root-user` is enough for the tmpfs
+ * Needs real root, so it runs under `npm run test:system` (as root, as CI does), not `npm test`. `unshare --mount --map-root-user` is enough for the tmpfs
  * cases, but not for a loop device, chattr +i or ext4's error trigger, so it is not offered. Without
  * root the file fails rather than skips: a skipped fault test looks exactly like a passing one.
  */
