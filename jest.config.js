@@ -5,7 +5,7 @@
  *   no root.
  * - `npm run test:system` (KEYWARD_TEST_GROUP=system): the tests that drive a real system part:
  *   Chromium, nginx, Caddy, and the storage faults that need root (tmpfs, ext4 loop devices,
- *   chattr). scripts/check-system.js says first what is missing. It then runs the PostgreSQL run.
+ *   chattr), after the PostgreSQL run. scripts/check-system.js says first what is missing.
  * - `npm run test:postgres` (KEYWARD_TEST_POSTGRES_URL): the same suites with each test app on a
  *   PostgreSQL schema of its own, system tests included.
  * A few files only mean something on one database, so each run leaves them out instead of skipping

@@ -4,7 +4,9 @@
 const { accessSync, constants } = require('node:fs');
 const { Client } = require('pg');
 
-const POSTGRES_URL = process.env.KEYWARD_TEST_POSTGRES_URL || 'postgres://postgres@127.0.0.1:5432/test';
+// The default is test:postgres's own, read from its script so that there is one.
+const POSTGRES_URL =
+  process.env.KEYWARD_TEST_POSTGRES_URL || /KEYWARD_TEST_POSTGRES_URL:-([^}]+)\}/.exec(require('../package.json').scripts['test:postgres'])[1];
 
 function executable(path) {
   try {
@@ -20,15 +22,17 @@ function onPath(name) {
 }
 
 async function postgresAnswers() {
-  const client = new Client({ connectionString: POSTGRES_URL, connectionTimeoutMillis: 3000 });
+  let client;
   try {
+    // Inside the try: a malformed URL throws here, and its message may quote the password.
+    client = new Client({ connectionString: POSTGRES_URL, connectionTimeoutMillis: 3000 });
     await client.connect();
     await client.query('select 1');
     return true;
   } catch {
     return false;
   } finally {
-    await client.end().catch(() => {});
+    await client?.end().catch(() => {});
   }
 }
 

@@ -6,7 +6,8 @@
 #   README:        the quick start's Docker block as a person copies it (the admin key written to .env,
 #                  passed with --env-file), then the walkthrough's ADMIN_TOKEN line against the server.
 # It proves the image's file list and environment are enough to run keyward, that no dev
-# dependency is shipped, and that the README's Docker path leaves the admin key known to its reader. Everything happens in a temp dir that is removed on exit.
+# dependency is shipped, and that the README's Docker path leaves the admin key known to its reader.
+# Everything happens in a temp dir that is removed on exit.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
