@@ -19,6 +19,8 @@ export const LAST_USE_FLUSH_MS = 5_000;
  */
 export class LastUseRecorder {
   private uses = new Map<number, { ms: number; ip: string }>();
+  /** The batch a flush is writing: still what `pending` answers until the write has landed. */
+  private writing = new Map<number, { ms: number; ip: string }>();
   private readonly flusher = new PeriodicFlush(() => this.flushOnce());
 
   constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger }) {}
@@ -28,7 +30,7 @@ export class LastUseRecorder {
   }
 
   pending(tokenId: number): LastUse | undefined {
-    const use = this.uses.get(tokenId);
+    const use = this.uses.get(tokenId) ?? this.writing.get(tokenId);
     return use && { at: new Date(use.ms).toISOString(), ip: use.ip };
   }
 
@@ -49,6 +51,7 @@ export class LastUseRecorder {
   private async flushOnce(): Promise<void> {
     if (this.uses.size === 0) return;
     const batch = this.uses;
+    this.writing = batch;
     this.uses = new Map();
     try {
       await writeLastUse(
@@ -59,6 +62,8 @@ export class LastUseRecorder {
       // Put the batch back unless a newer use of the same token arrived meanwhile.
       for (const [id, use] of batch) if (!this.uses.has(id)) this.uses.set(id, use);
       this.deps.logger.warn({ err, tokens: batch.size }, 'could not record last use; will retry');
+    } finally {
+      this.writing = new Map();
     }
   }
 }
