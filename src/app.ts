@@ -1,16 +1,18 @@
-import express, { type Express } from 'express';
+import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
+import express from 'express';
 import type { Db } from '../db/database';
 import { requireAdmin } from './auth/admin-auth';
 import { TokenVerifier } from './auth/token-verifier';
-import { requireClientAddress, requireUser } from './auth/user-auth';
+import { requireUser } from './auth/user-auth';
 import { type Clock, systemClock } from './clock';
 import type { Config } from './config';
 import { docsRouter } from './docs/docs.routes';
 import { healthHandlers, type Lifecycle } from './health/health.routes';
-import { errorHandler } from './http/error-handler';
+import { errorHandler, errorResponder } from './http/error-handler';
 import { AppError } from './http/errors';
-import { mountOperations } from './http/operations';
-import { requestContext } from './http/request-context';
+import { parseQuery, verificationLane } from './http/lane';
+import { mountOperations, operationRunners } from './http/operations';
+import { requestPipeline, trustFunction } from './http/request-context';
 import { securityHeaders } from './http/security-headers';
 import { adminBotsHandlers, botsHandlers } from './bots/bots.routes';
 import { BotsService } from './bots/bots.service';
@@ -48,7 +50,8 @@ export interface AppDeps {
   lifecycle?: Lifecycle;
 }
 
-export interface KeywardApp extends Express {
+/** The request listener (the verification lane, then Express) and the parts tests and shutdown reach. */
+export interface KeywardApp extends RequestListener<typeof IncomingMessage, typeof ServerResponse> {
   readonly verifier: TokenVerifier;
   /** Last use of each token, written in batches. */
   readonly lastUse: LastUseRecorder;
@@ -103,23 +106,13 @@ export function createApp(deps: AppDeps): KeywardApp {
   const verifier = new TokenVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, cacheSize: config.verifyCacheSize, lastUse, usage: usageRecorder });
   const metrics = new Metrics({ db, databasePath: config.databasePath, verifier: verifier.stats, limits, activeBots: () => bots.activeTotal() });
 
-  const app = express() as unknown as KeywardApp;
-  const stopBackground = async () => {
-    bots.stop();
-    await Promise.all([lastUse.stop(), usageRecorder.stop(), audit.stop()]);
-  };
-  Object.defineProperties(app, {
-    verifier: { value: verifier },
-    lastUse: { value: lastUse },
-    usage: { value: usageRecorder },
-    bots: { value: bots },
-    audit: { value: audit },
-    stopBackground: { value: stopBackground },
-  });
+  const app = express();
   app.disable('x-powered-by');
   // API responses are not cacheable resources; skipping ETags also saves hashing every body.
   app.set('etag', false);
-  app.set('trust proxy', config.trustProxy);
+  // The request context and the lane apply the same two rules; Express gets them as functions.
+  app.set('trust proxy', trustFunction(config.trustProxy));
+  app.set('query parser', parseQuery);
 
   // Failed authentication reaches the audit log aggregated (see AuditLog.authFailed), never per attempt.
   const auditFailures: RequestObserver = (outcome) => {
@@ -127,8 +120,15 @@ export function createApp(deps: AppDeps): KeywardApp {
   };
   const adminKeys = config.adminKeyNextDigest ? [config.adminKeyDigest, config.adminKeyNextDigest] : [config.adminKeyDigest];
   const observers = config.metricsEnabled ? [metrics.observe, auditFailures] : [auditFailures];
-  app.use(requestContext(logger, securityHeaders(), () => lifecycle.draining, observers, adminKeys));
-  if (config.trustProxy !== false) app.use(requireClientAddress);
+  const beginRequest = requestPipeline({
+    logger,
+    headers: securityHeaders(),
+    isDraining: () => lifecycle.draining,
+    observers,
+    secretDigests: adminKeys,
+    trustProxy: config.trustProxy,
+  });
+  const respondWithError = errorResponder(logger);
 
   const doc = loadSpec();
   const operations = listOperations(doc);
@@ -138,19 +138,18 @@ export function createApp(deps: AppDeps): KeywardApp {
       throw new Error(`openapi: ${op.operationId} requires unknown scope ${op.requiredScope}`);
     }
   }
-  const router = express.Router();
-  mountOperations(
-    router,
+  // Handlers that need only Node's request and response; the verification lane answers the first two.
+  const lean = { ...meHandlers(), ...forwardAuthHandlers() };
+  const runners = operationRunners(
     operations,
     {
+      ...lean,
       ...healthHandlers(db, lifecycle),
       ...usersHandlers(users),
       ...tokensHandlers(tokens),
       ...selfServiceTokensHandlers(tokens),
       ...botsHandlers(bots),
       ...adminBotsHandlers(bots, users),
-      ...meHandlers(),
-      ...forwardAuthHandlers(),
       ...ssoHandlers(tokens, config.ssoUserScopes),
       ...auditHandlers(audit),
       ...usageHandlers(usage, users),
@@ -165,6 +164,9 @@ export function createApp(deps: AppDeps): KeywardApp {
       metrics: requireMetrics(config),
     },
   );
+  const lane = verificationLane(runners, Object.keys(lean), respondWithError);
+  const router = express.Router();
+  mountOperations(router, runners);
   app.use(router);
   app.use(docsRouter(doc));
   app.use(ssoPageRouter());
@@ -178,5 +180,17 @@ export function createApp(deps: AppDeps): KeywardApp {
     throw new AppError(404, 'NOT_FOUND', 'No such route.');
   });
   app.use(errorHandler(logger));
-  return app;
+
+  // One pipeline: every request gets its context first, then the lane takes what it serves and
+  // Express the rest, through the same runners, guards and error responder.
+  const listener: RequestListener = (req, res) => {
+    const refused = beginRequest(req, res);
+    if (refused) respondWithError(refused, req, res);
+    else if (!lane(req, res)) app(req, res);
+  };
+  const stopBackground = async () => {
+    bots.stop();
+    await Promise.all([lastUse.stop(), usageRecorder.stop(), audit.stop()]);
+  };
+  return Object.assign(listener, { verifier, lastUse, usage: usageRecorder, bots, audit, stopBackground });
 }

@@ -147,6 +147,25 @@ describe('health, readiness and docs', () => {
     const init = await request(ctx.app).get('/docs/swagger-ui-init.js');
     expect(init.status).toBe(200);
     expect(init.text).toContain('X-Admin-API-Key');
+    const css = await request(ctx.app).get('/docs/swagger-ui.css');
+    expect(css.status).toBe(200);
+    expect(css.headers['content-type']).toMatch(/^text\/css/);
+    expect(css.headers['cache-control']).toBe('no-store');
+  });
+
+  test('/docs sends the browser to /docs/, where the page\'s relative links resolve', async () => {
+    const res = await request(ctx.app).get('/docs');
+    expect(res.status).toBe(301);
+    expect(res.headers.location).toBe('/docs/');
+  });
+
+  test('under /docs/ only the page and its files exist: anything else is the 404 envelope', async () => {
+    for (const path of ['/docs/../package.json', '/docs/package.json', '/docs/anything.js', '/docs/index.js', '/docs/swagger-initializer.js', '/docs/swagger-ui.css.map', '/docs/nope/', '/docs/%2e%2e/package.json', '/docs/.env']) {
+      const res = await request(ctx.app).get(path);
+      expect([path, res.status, res.body.error?.code]).toEqual([path, 404, 'NOT_FOUND']);
+      expect(res.headers['content-type']).toMatch(/^application\/json/);
+    }
+    expectError(await request(ctx.app).post('/docs/swagger-ui.css'), 404, 'NOT_FOUND');
   });
 });
 

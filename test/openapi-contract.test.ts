@@ -1,8 +1,7 @@
 import Ajv2020 from 'ajv/dist/2020';
 import addFormats from 'ajv-formats';
-import express from 'express';
 import request from 'supertest';
-import { mountOperations } from '../src/http/operations';
+import { operationRunners } from '../src/http/operations';
 import { dereference, listOperations, loadSpec, type OperationSpec } from '../src/openapi/spec';
 import { admin, createTestApp, createUser, mintToken, type TestContext } from './helpers/app';
 
@@ -56,11 +55,11 @@ describe('mounting refuses a contract and handlers that disagree', () => {
 
   test('an operation without a handler stops start-up', () => {
     const { getMe: _omit, ...rest } = allHandlers;
-    expect(() => mountOperations(express.Router(), operations, rest, auth)).toThrow('operation getMe in openapi.yaml has no handler');
+    expect(() => operationRunners(operations, rest, auth)).toThrow('operation getMe in openapi.yaml has no handler');
   });
 
   test('a handler without an operation stops start-up', () => {
-    expect(() => mountOperations(express.Router(), operations, { ...allHandlers, secretBackdoor: noop }, auth)).toThrow(
+    expect(() => operationRunners(operations, { ...allHandlers, secretBackdoor: noop }, auth)).toThrow(
       'handlers without an operation in openapi.yaml: secretBackdoor',
     );
   });

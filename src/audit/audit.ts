@@ -1,12 +1,12 @@
 import { createHash } from 'node:crypto';
-import type { Request, Response } from 'express';
+import type { ServerResponse } from 'node:http';
 import type { Db } from '../../db/database';
 import type { AuditEventRow } from '../../db/schema';
-import { clientIpOf } from '../auth/user-auth';
+import { contextOf } from '../http/request-context';
 import { normalizeClientIp } from '../tokens/ip-allowlist';
 
 /**
- * Who did something. Set by each auth guard on `res.locals.actor`, so every change can say who made
+ * Who did something. Set by each auth guard in the request context (`actor`), so every change can say who made
  * it without the service knowing about HTTP.
  */
 export type Actor =
@@ -55,11 +55,12 @@ export function actorId(actor: Actor): string {
   }
 }
 
-export function auditContextOf(req: Request, res: Response): AuditContext {
+export function auditContextOf(res: ServerResponse): AuditContext {
+  const context = contextOf(res);
   return {
-    actor: (res.locals.actor as Actor | undefined) ?? { type: 'anonymous' },
-    ip: normalizeClientIp(clientIpOf(req)) || null,
-    requestId: (res.locals.requestId as string | undefined) ?? null,
+    actor: (context.actor as Actor | undefined) ?? { type: 'anonymous' },
+    ip: normalizeClientIp(context.ip) || null,
+    requestId: context.requestId,
   };
 }
 

@@ -3,7 +3,7 @@ import { type Actor, adminFingerprint } from '../audit/audit';
 import { AppError } from '../http/errors';
 import type { Guard } from '../http/operations';
 import type { RateLimits } from '../rate-limit/rate-limits';
-import { clientIpOf } from './user-auth';
+import { clientIpOf, contextOf } from '../http/request-context';
 
 /**
  * The one auth path for /admin. Every request from an address counts against the admin rate limit.
@@ -18,7 +18,7 @@ import { clientIpOf } from './user-auth';
 export function requireAdmin(keyDigests: readonly Buffer[], limits: RateLimits): Guard {
   const keys = keyDigests.map((digest) => ({ digest, actor: { type: 'admin', fingerprint: adminFingerprint(digest) } as Actor }));
   return async (req, res) => {
-    const ip = clientIpOf(req);
+    const ip = clientIpOf(res);
     await limits.adminRequest(ip, res);
     const sent = req.headers['x-admin-api-key'];
     if (typeof sent !== 'string' || sent === '') {
@@ -42,6 +42,6 @@ export function requireAdmin(keyDigests: readonly Buffer[], limits: RateLimits):
       await limits.authFailed(ip);
       throw new AppError(401, 'INVALID_ADMIN_KEY', 'The admin key is not valid.');
     }
-    res.locals.actor = matched;
+    contextOf(res).actor = matched;
   };
 }

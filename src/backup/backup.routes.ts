@@ -29,7 +29,7 @@ export function backupHandlers(db: Db, clock: Clock, logger: Logger): Record<str
       try {
         const now = clock.now().toISOString();
         await writeTransaction(db, (trx) =>
-          recordAudit(trx, auditContextOf(req, res), now, { action: 'backup.downloaded', details: { bytes: backup.bytes, schema_version: backup.schemaVersion } }),
+          recordAudit(trx, auditContextOf(res), now, { action: 'backup.downloaded', details: { bytes: backup.bytes, schema_version: backup.schemaVersion } }),
         );
         const name = backup.path.split('/').pop()!;
         res.status(200);

@@ -31,7 +31,7 @@ export function botsHandlers(bots: BotsService): Record<string, Handler> {
       res.json(await bots.heartbeat(params.id as number, me(res), (body as { ttl_seconds?: number } | undefined)?.ttl_seconds));
     },
     releaseBot: async (req, res) => {
-      await bots.release(input(res).params.id as number, me(res), auditContextOf(req, res));
+      await bots.release(input(res).params.id as number, me(res), auditContextOf(res));
       res.status(204).end();
     },
   };
@@ -55,7 +55,7 @@ export function adminBotsHandlers(bots: BotsService, users: UsersService): Recor
       res.json(await bots.get(input(res).params.id as number, ADMIN));
     },
     forceReleaseBot: async (req, res) => {
-      await bots.release(input(res).params.id as number, ADMIN, auditContextOf(req, res));
+      await bots.release(input(res).params.id as number, ADMIN, auditContextOf(res));
       res.status(204).end();
     },
   };

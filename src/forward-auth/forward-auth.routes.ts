@@ -1,7 +1,7 @@
 import { authOf } from '../auth/user-auth';
+import { sendJson } from '../http/json-response';
 import { validationError } from '../http/errors';
-import type { Handler } from '../http/operations';
-import { input } from '../http/operations';
+import { input, type NodeHandler } from '../http/operations';
 import { insufficientScope } from '../tokens/scopes';
 
 /** `?scope=a,b` (commas or spaces): every one must be held. */
@@ -20,7 +20,7 @@ function requiredScopes(raw: unknown): string[] {
  * address, rate limit); this adds the scopes the gateway asks for and says who the caller is in
  * headers the gateway copies to the upstream.
  */
-export function forwardAuthHandlers(): Record<string, Handler> {
+export function forwardAuthHandlers(): Record<string, NodeHandler> {
   return {
     verifyKey: (_req, res) => {
       const { user, token } = authOf(res);
@@ -31,7 +31,7 @@ export function forwardAuthHandlers(): Record<string, Handler> {
       res.setHeader('X-Keyward-Token-Id', String(token.id));
       res.setHeader('X-Keyward-Scopes', token.scopes.join(' '));
       res.setHeader('X-Keyward-Environment', token.environment);
-      res.json({ user_id: user.id, email: user.email, token_id: token.id, scopes: token.scopes, environment: token.environment });
+      sendJson(res, 200, { user_id: user.id, email: user.email, token_id: token.id, scopes: token.scopes, environment: token.environment });
     },
   };
 }

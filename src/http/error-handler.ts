@@ -1,8 +1,10 @@
-import type { ErrorRequestHandler, Request, Response } from 'express';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { ErrorRequestHandler } from 'express';
 import { isStorageUnavailable } from '../../db/database';
 import type { Logger } from '../logger';
 import { AppError, payloadTooLarge, unavailable } from './errors';
-import { loggablePath } from './request-context';
+import { sendJson } from './json-response';
+import { contextOf, loggablePath } from './request-context';
 
 // body-parser reports its failures with a `type`; each maps to the code product.md gives it.
 const BODY_ERRORS: Record<string, () => AppError> = {
@@ -34,30 +36,32 @@ export function toAppError(err: unknown): AppError {
   return new AppError(500, 'INTERNAL_ERROR', 'Internal server error.');
 }
 
-export function sendError(res: Response, error: AppError): void {
-  res.locals.errorCode = error.code;
+/** The one envelope: `{error: {code, message, details, request_id}}`. */
+export function sendError(res: ServerResponse, error: AppError): void {
+  const context = contextOf(res);
+  if (context) context.errorCode = error.code;
   for (const [name, value] of Object.entries(error.headers ?? {})) res.setHeader(name, value);
   // Refused before its body arrived (too large, wrong key): Node would otherwise read and discard the
   // rest of the body, up to HTTP_REQUEST_TIMEOUT_SECONDS of it, to keep the connection. Not worth it.
   if (!res.req.complete) res.setHeader('Connection', 'close');
-  res.status(error.status).json({
+  sendJson(res, error.status, {
     error: {
       code: error.code,
       message: error.expose ? error.message : 'Internal server error.',
       details: error.details ?? null,
-      request_id: (res.locals.requestId as string | undefined) ?? null,
+      request_id: context?.requestId ?? null,
     },
   });
 }
 
-/** The one place where errors become responses. */
-export function errorHandler(logger: Logger): ErrorRequestHandler {
-  return (err: unknown, req: Request, res: Response, _next) => {
+/** The one place where errors become responses, for the lane and for Express alike. */
+export function errorResponder(logger: Logger): (err: unknown, req: IncomingMessage, res: ServerResponse) => void {
+  return (err, req, res) => {
     const error = toAppError(err);
     if (error.status >= 500) {
       // The cause goes to the log, never to the client. Errors carry no credentials: nothing in
       // keyward puts a token or key into an error message.
-      logger.error({ err, request_id: res.locals.requestId, path: loggablePath(req, res) }, 'request failed');
+      logger.error({ err, request_id: contextOf(res)?.requestId, path: loggablePath(req, res) }, 'request failed');
     }
     if (res.headersSent) {
       // Half a response is already on the wire; the only honest thing left is to cut the connection.
@@ -66,4 +70,9 @@ export function errorHandler(logger: Logger): ErrorRequestHandler {
     }
     sendError(res, error);
   };
+}
+
+export function errorHandler(logger: Logger): ErrorRequestHandler {
+  const respond = errorResponder(logger);
+  return (err: unknown, req, res, _next) => respond(err, req, res);
 }

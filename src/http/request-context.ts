@@ -1,7 +1,10 @@
 import { createHash, randomUUID } from 'node:crypto';
-import type { NextFunction, Request, Response } from 'express';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { isIP } from 'node:net';
+import proxyaddr from 'proxy-addr';
+import type { TrustProxy } from '../config';
 import type { Logger } from '../logger';
-import { unavailable } from './errors';
+import { AppError, unavailable } from './errors';
 
 // An incoming X-Request-Id is kept only if it is short and plain, so it cannot smuggle text into logs.
 const SAFE_REQUEST_ID = /^[A-Za-z0-9._:-]{1,64}$/;
@@ -12,20 +15,45 @@ const TOKEN_SHAPE = /_(?:live|test)_[A-Za-z0-9]{12}_[A-Za-z0-9]{6}/;
 // reach the log through a 404.
 const TOKEN_LIKE = /[A-Za-z0-9]{20,}/g;
 
-/** The path as logs may show it: the operation's template, never the values in it (emails, tokens). */
-export function loggablePath(req: Request, res: Response): string {
-  return (res.locals.routePath as string | undefined) ?? req.path.replace(TOKEN_LIKE, '[redacted]');
+/**
+ * What keyward knows about a request from its first byte to its log line, whichever way it is
+ * answered (the verification lane or Express). It lives on `res.locals`, where Express keeps what it
+ * finds there, so Express handlers and the lane read the same object; features keep their own data
+ * (the verified key, the actor, the validated input) in further slots of it.
+ */
+export interface RequestContext {
+  readonly requestId: string;
+  /** The client's address as TRUST_PROXY reveals it. */
+  readonly ip: string;
+  readonly started: bigint;
+  /** Set once the request matched an operation of the contract. */
+  operationId: string | null;
+  /** The operation's path template (`/admin/users/{id}`). */
+  routePath: string | null;
+  /** Who the request was let in as, for the log line; set by the guards. */
+  userId: number | null;
+  tokenId: number | null;
+  /** The code of the error answered, if any. */
+  errorCode: string | null;
+  [slot: string]: unknown;
 }
 
-/**
- * What every request gets before routing, in one middleware (each Express layer costs time on the hot
- * path): helmet's security headers, a request id, `Cache-Control: no-store` (responses can hold a
- * freshly minted token), one
- * structured log line when it finishes, and a 503 once the server is draining.
- *
- * The log line names the operation and its path template, never the query string, a header value or a
- * body, so a credential sent anywhere cannot end up in the log.
- */
+export function contextOf(res: ServerResponse): RequestContext {
+  return (res as ServerResponse & { locals: RequestContext }).locals;
+}
+
+/** The caller's address as TRUST_PROXY allows it to be known. */
+export const clientIpOf = (res: ServerResponse): string => contextOf(res).ip;
+
+/** The path as logs may show it: the operation's template, never the values in it (emails, tokens). */
+export function loggablePath(req: IncomingMessage, res: ServerResponse): string {
+  const route = contextOf(res)?.routePath;
+  if (route) return route;
+  const url = req.url ?? '/';
+  const query = url.indexOf('?');
+  return (query < 0 ? url : url.slice(0, query)).replace(TOKEN_LIKE, '[redacted]');
+}
+
 /** What a finished request tells the features that watch them (metrics, the audit of failed sign-ins). */
 export interface RequestOutcome {
   /** The operation's path template (`/admin/users/{id}`), or null for a path that matched none. */
@@ -40,58 +68,108 @@ export interface RequestOutcome {
 
 export type RequestObserver = (outcome: RequestOutcome) => void;
 
-export function requestContext(
-  logger: Logger,
-  headers: Map<string, string>,
-  isDraining: () => boolean,
-  observers: readonly RequestObserver[] = [],
+/**
+ * TRUST_PROXY as the function proxy-addr (and Express's `req.ip`) applies: nothing trusted, the
+ * nearest `n` hops, or the named proxies. Express is handed the same function, so there is one rule.
+ */
+export function trustFunction(trust: TrustProxy): (address: string, hop: number) => boolean {
+  if (trust === false) return () => false;
+  if (typeof trust === 'number') return (_address, hop) => hop < trust;
+  return proxyaddr.compile(trust);
+}
+
+export interface PipelineOptions {
+  logger: Logger;
+  /** Response headers every answer carries (helmet's, decided once at start-up). */
+  headers: Map<string, string>;
+  isDraining: () => boolean;
+  observers?: readonly RequestObserver[];
   /** sha256 of secrets that must never be taken as a request id (the admin key). */
-  secretDigests: readonly Buffer[] = [],
-) {
+  secretDigests?: readonly Buffer[];
+  trustProxy: TrustProxy;
+}
+
+/**
+ * What every request gets before it is routed, whichever way it is then answered: a request id,
+ * the client's address, helmet's security headers, `Cache-Control: no-store` (responses can hold a
+ * freshly minted token), one structured log line and the observers when it finishes, a 503 once the
+ * server is draining, and a 400 when X-Forwarded-For does not name an address.
+ *
+ * The log line names the operation and its path template, never the query string, a header value or a
+ * body, so a credential sent anywhere cannot end up in the log.
+ *
+ * Returns the refusal to answer, if any; the caller sends it through the one error responder.
+ */
+export function requestPipeline(options: PipelineOptions): (req: IncomingMessage, res: ServerResponse) => AppError | undefined {
+  const { isDraining } = options;
+  // The request line holds only fields written here (never a header, query or body), so pino's
+  // redaction pass, more than half of the line's cost, has nothing to do on it. Every other line
+  // keeps it.
+  const requestLog = options.logger.child({}, { redact: [] });
+  const observers = options.observers ?? [];
+  const secretDigests = options.secretDigests ?? [];
+  const trust = trustFunction(options.trustProxy);
+  const checksAddress = options.trustProxy !== false;
+  const headers = new Map([...options.headers, ['Cache-Control', 'no-store']]);
   const acceptable = (id: string) =>
     SAFE_REQUEST_ID.test(id) && !TOKEN_SHAPE.test(id) && !secretDigests.some((d) => createHash('sha256').update(id).digest().equals(d));
-  return (req: Request, res: Response, next: NextFunction): void => {
+
+  return (req, res) => {
     const started = process.hrtime.bigint();
     const incoming = req.headers['x-request-id'];
-    const requestId = typeof incoming === 'string' && acceptable(incoming) ? incoming : randomUUID();
-    res.locals.requestId = requestId;
+    const context: RequestContext = {
+      requestId: typeof incoming === 'string' && acceptable(incoming) ? incoming : randomUUID(),
+      ip: proxyaddr(req, trust),
+      started,
+      operationId: null,
+      routePath: null,
+      userId: null,
+      tokenId: null,
+      errorCode: null,
+    };
+    (res as ServerResponse & { locals: RequestContext }).locals = context;
     res.setHeaders(headers);
-    res.setHeader('X-Request-Id', requestId);
-    res.setHeader('Cache-Control', 'no-store');
+    res.setHeader('X-Request-Id', context.requestId);
     res.on('finish', () => {
-      const auth = res.locals.auth as { user?: { id: number }; token?: { id: number } } | undefined;
       const status = res.statusCode;
       const durationMs = Number(process.hrtime.bigint() - started) / 1e6;
-      const errorCode = (res.locals.errorCode as string | undefined) ?? null;
       const entry = {
-        request_id: requestId,
+        request_id: context.requestId,
         method: req.method,
         path: loggablePath(req, res),
-        route: (res.locals.operationId as string | undefined) ?? null,
+        route: context.operationId,
         status,
         duration_ms: durationMs,
-        user_id: auth?.user?.id ?? null,
-        token_id: auth?.token?.id ?? null,
-        error_code: errorCode,
+        user_id: context.userId,
+        token_id: context.tokenId,
+        error_code: context.errorCode,
       };
-      if (status >= 500) logger.error(entry, 'request');
-      else logger.info(entry, 'request');
+      if (status >= 500) requestLog.error(entry, 'request');
+      else requestLog.info(entry, 'request');
       if (observers.length > 0) {
         const outcome: RequestOutcome = {
-          route: (res.locals.routePath as string | undefined) ?? null,
-          method: req.method,
+          route: context.routePath,
+          method: req.method ?? '',
           status,
           seconds: durationMs / 1000,
-          errorCode,
-          ip: req.ip ?? req.socket.remoteAddress ?? '',
+          errorCode: context.errorCode,
+          ip: context.ip,
         };
         for (const observe of observers) observe(outcome);
       }
     });
     if (isDraining()) {
       res.setHeader('Connection', 'close');
-      throw unavailable('The server is shutting down.');
+      return unavailable('The server is shutting down.');
     }
-    next();
+    // With TRUST_PROXY, a proxy that passes on what a client wrote in X-Forwarded-For (say, a hop
+    // count larger than the proxies in front) makes the address any text the client likes. Such a
+    // request is refused: it would match no allowlist and get per-address limits for every spelling.
+    if (checksAddress && isIP(context.ip) === 0) {
+      return new AppError(400, 'VALIDATION_ERROR', 'X-Forwarded-For does not name the client by its IP address.', [
+        { field: 'X-Forwarded-For', in: 'header', message: 'must list IP addresses' },
+      ]);
+    }
+    return undefined;
   };
 }

@@ -1,12 +1,13 @@
 import { authOf } from '../auth/user-auth';
-import type { Handler } from '../http/operations';
+import { sendJson } from '../http/json-response';
+import type { NodeHandler } from '../http/operations';
 
 /** The user API's "who am I": the key's user and the key itself, as the caller is allowed to see them. */
-export function meHandlers(): Record<string, Handler> {
+export function meHandlers(): Record<string, NodeHandler> {
   return {
     getMe: (_req, res) => {
       const { user, token } = authOf(res);
-      res.json({
+      sendJson(res, 200, {
         user: { id: user.id, email: user.email, name: user.name, max_concurrent_bots: user.maxConcurrentBots },
         token: {
           id: token.id,

@@ -3,11 +3,10 @@ import { statSync } from 'node:fs';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import type { Db } from '../../db/database';
 import type { VerifierStats } from '../auth/token-verifier';
-import { clientIpOf } from '../auth/user-auth';
 import type { Config } from '../config';
 import { AppError } from '../http/errors';
 import type { Guard, Handler } from '../http/operations';
-import type { RequestObserver } from '../http/request-context';
+import { clientIpOf, type RequestObserver } from '../http/request-context';
 import type { RateLimits } from '../rate-limit/rate-limits';
 import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 
@@ -144,9 +143,9 @@ function fileSize(path: string): number {
  */
 export function requireMetrics(config: Config): Guard {
   const allowed = config.metricsAllowedIps === null ? null : compiledAllowlist(JSON.stringify(config.metricsAllowedIps));
-  return (req) => {
+  return (req, res) => {
     if (!config.metricsEnabled) throw new AppError(404, 'NOT_FOUND', 'No such route.');
-    const ip = clientIpOf(req);
+    const ip = clientIpOf(res);
     if (allowed && !allowed.allows(ip)) throw new AppError(403, 'FORBIDDEN_IP', 'This address may not read the metrics (METRICS_ALLOWED_IPS).', { ip: normalizeClientIp(ip) });
     if (config.metricsTokenDigest) {
       const header = req.headers.authorization ?? '';

@@ -1,4 +1,4 @@
-import type { Response } from 'express';
+import type { ServerResponse } from 'node:http';
 import { RateLimiterMemory } from 'rate-limiter-flexible';
 import { AppError } from '../http/errors';
 import { clientNetwork } from '../tokens/ip-allowlist';
@@ -27,7 +27,7 @@ function rateLimited(message: string, window: Window, details: Record<string, un
 }
 
 /** Every response of a counted request says where the caller stands (IETF RateLimit header fields). */
-function setHeaders(res: Response, limit: number, window: Window): void {
+function setHeaders(res: ServerResponse, limit: number, window: Window): void {
   res.setHeader('RateLimit-Limit', String(limit));
   res.setHeader('RateLimit-Remaining', String(Math.max(0, limit - window.consumed)));
   res.setHeader('RateLimit-Reset', String(window.resetSeconds));
@@ -52,7 +52,7 @@ export class RateLimits {
   }
 
   /** Counts one /v1 request of a user; past `limit` this minute, 429. A limit of 0 refuses everything. */
-  async userRequest(userId: number, limit: number, res: Response): Promise<void> {
+  async userRequest(userId: number, limit: number, res: ServerResponse): Promise<void> {
     const window = await this.count(this.users, String(userId));
     setHeaders(res, limit, window);
     if (window.consumed > limit) {
@@ -62,7 +62,7 @@ export class RateLimits {
   }
 
   /** Counts one admin request from an address. */
-  async adminRequest(ip: string, res: Response): Promise<void> {
+  async adminRequest(ip: string, res: ServerResponse): Promise<void> {
     const limit = this.config.adminRateLimitPerMinute;
     const window = await this.count(this.admin, clientNetwork(ip));
     setHeaders(res, limit, window);

@@ -1,8 +1,9 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
-import type { Request, Response } from 'express';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { type Actor, auditContextOf } from '../audit/audit';
 import type { Config } from '../config';
 import { AppError } from '../http/errors';
+import { contextOf } from '../http/request-context';
 import type { Guard } from '../http/operations';
 import { isEmail } from '../http/validation';
 import type { RateLimits } from '../rate-limit/rate-limits';
@@ -16,7 +17,7 @@ export interface SsoContext {
 
 const signIn = (message: string) => new AppError(401, 'AUTHENTICATION_REQUIRED', message);
 
-const header = (req: Request, name: string): string | undefined => {
+const header = (req: IncomingMessage, name: string): string | undefined => {
   const value = req.headers[name.toLowerCase()];
   const text = Array.isArray(value) ? value[0] : value;
   return text === undefined || text.trim() === '' ? undefined : text.trim();
@@ -43,7 +44,7 @@ function sameHost(origin: string, host: string): boolean {
  * origin, which must be this host. The proxy's sign-in cookie rides along with any cross-site request,
  * so without this a foreign page could mint keys for whoever visits it.
  */
-function checkSameOrigin(req: Request): void {
+function checkSameOrigin(req: IncomingMessage): void {
   if (req.method === 'GET' || req.method === 'HEAD') return;
   if (req.headers['x-keyward-csrf'] !== '1') {
     throw new AppError(403, 'CSRF_CHECK_FAILED', 'Changes need the X-Keyward-CSRF: 1 header, which only keyward\'s own page sends.');
@@ -63,7 +64,7 @@ function checkSameOrigin(req: Request): void {
 export function requireSso(config: Config, sso: SsoService, limits: RateLimits): Guard {
   const proxies = config.ssoTrustedProxies.length > 0 ? compiledAllowlist(JSON.stringify(config.ssoTrustedProxies)) : undefined;
   const prefix = config.ssoHeaderPrefix;
-  return async (req: Request, res: Response) => {
+  return async (req: IncomingMessage, res: ServerResponse) => {
     if (!proxies) throw signIn('Single sign-on is not enabled on this server (SSO_TRUSTED_PROXIES is empty).');
     const peer = normalizeClientIp(req.socket.remoteAddress ?? '');
     if (!proxies.allows(peer)) throw signIn('Sign in through your organisation\'s sign-in proxy.');
@@ -92,15 +93,16 @@ export function requireSso(config: Config, sso: SsoService, limits: RateLimits):
     if (identity.subject.length > 256 || (identity.username?.length ?? 0) > 200 || identity.groups.length > 100 || identity.groups.some((g) => g.length > 256)) {
       throw signIn('The sign-in proxy sent an identity longer than keyward accepts (subject 256, username 200, 100 groups of 256 characters); ask the admin to check its configuration.');
     }
-    const { ip, requestId } = auditContextOf(req, res);
+    const { ip, requestId } = auditContextOf(res);
     const user = await sso.userFor(identity, { ip, requestId });
     const context: SsoContext = { user, identity };
-    res.locals.sso = context;
-    res.locals.actor = { type: 'sso', userId: user.id, subject: identity.subject, email: identity.email } satisfies Actor;
+    const request = contextOf(res);
+    request.sso = context;
+    request.actor = { type: 'sso', userId: user.id, subject: identity.subject, email: identity.email } satisfies Actor;
     // Logs name the user like any other authenticated request.
-    res.locals.auth = { user: { id: user.id } };
+    request.userId = user.id;
     await limits.userRequest(user.id, user.rate_limit_per_minute, res);
   };
 }
 
-export const ssoOf = (res: Response): SsoContext => res.locals.sso as SsoContext;
+export const ssoOf = (res: ServerResponse): SsoContext => contextOf(res).sso as SsoContext;

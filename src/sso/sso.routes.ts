@@ -26,17 +26,17 @@ export function ssoHandlers(tokens: TokensService, ssoUserScopes: readonly strin
     },
     mintSsoToken: async (req, res) => {
       const context = ssoOf(res);
-      const minted = await tokens.mint(context.user.id, (input(res).body ?? {}) as MintInput, issuerOf(context, ssoUserScopes), auditContextOf(req, res));
+      const minted = await tokens.mint(context.user.id, (input(res).body ?? {}) as MintInput, issuerOf(context, ssoUserScopes), auditContextOf(res));
       res.status(201).location(`/sso/tokens/${minted.id}`).json(minted);
     },
     rotateSsoToken: async (req, res) => {
       const { params, body } = input(res);
       const grace = (body as { grace_period_seconds?: number } | undefined)?.grace_period_seconds;
-      const minted = await tokens.rotate(params.id as number, grace, issuerOf(ssoOf(res), ssoUserScopes), auditContextOf(req, res));
+      const minted = await tokens.rotate(params.id as number, grace, issuerOf(ssoOf(res), ssoUserScopes), auditContextOf(res));
       res.status(201).location(`/sso/tokens/${minted.id}`).json(minted);
     },
     revokeSsoToken: async (req, res) => {
-      await tokens.revoke(input(res).params.id as number, issuerOf(ssoOf(res), ssoUserScopes), auditContextOf(req, res));
+      await tokens.revoke(input(res).params.id as number, issuerOf(ssoOf(res), ssoUserScopes), auditContextOf(res));
       res.status(204).end();
     },
   };

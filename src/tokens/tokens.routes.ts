@@ -12,7 +12,7 @@ export function tokensHandlers(tokens: TokensService): Record<string, Handler> {
   return {
     mintToken: async (req, res) => {
       const { params, body } = input(res);
-      const minted = await tokens.mint(params.id as number, (body ?? {}) as MintInput, ADMIN, auditContextOf(req, res));
+      const minted = await tokens.mint(params.id as number, (body ?? {}) as MintInput, ADMIN, auditContextOf(res));
       res.status(201).location(`/admin/tokens/${minted.id}`).json(minted);
     },
     listUserTokens: async (_req, res) => {
@@ -33,16 +33,16 @@ export function tokensHandlers(tokens: TokensService): Record<string, Handler> {
     },
     updateToken: async (req, res) => {
       const { params, body } = input(res);
-      res.json(await tokens.update(params.id as number, body as UpdateInput, auditContextOf(req, res)));
+      res.json(await tokens.update(params.id as number, body as UpdateInput, auditContextOf(res)));
     },
     rotateToken: async (req, res) => {
       const { params, body } = input(res);
       const grace = (body as { grace_period_seconds?: number } | undefined)?.grace_period_seconds;
-      const minted = await tokens.rotate(params.id as number, grace, ADMIN, auditContextOf(req, res));
+      const minted = await tokens.rotate(params.id as number, grace, ADMIN, auditContextOf(res));
       res.status(201).location(`/admin/tokens/${minted.id}`).json(minted);
     },
     revokeToken: async (req, res) => {
-      await tokens.revoke(input(res).params.id as number, ADMIN, auditContextOf(req, res));
+      await tokens.revoke(input(res).params.id as number, ADMIN, auditContextOf(res));
       res.status(204).end();
     },
   };
@@ -68,7 +68,7 @@ export function selfServiceTokensHandlers(tokens: TokensService): Record<string,
     },
     mintMyToken: async (req, res) => {
       const auth = authOf(res);
-      const minted = await tokens.mint(auth.user.id, (input(res).body ?? {}) as MintInput, issuerOf(auth), auditContextOf(req, res));
+      const minted = await tokens.mint(auth.user.id, (input(res).body ?? {}) as MintInput, issuerOf(auth), auditContextOf(res));
       res.status(201).location(`/v1/tokens/${minted.id}`).json(minted);
     },
     getMyToken: async (_req, res) => {
@@ -77,11 +77,11 @@ export function selfServiceTokensHandlers(tokens: TokensService): Record<string,
     rotateMyToken: async (req, res) => {
       const { params, body } = input(res);
       const grace = (body as { grace_period_seconds?: number } | undefined)?.grace_period_seconds;
-      const minted = await tokens.rotate(params.id as number, grace, issuerOf(authOf(res)), auditContextOf(req, res));
+      const minted = await tokens.rotate(params.id as number, grace, issuerOf(authOf(res)), auditContextOf(res));
       res.status(201).location(`/v1/tokens/${minted.id}`).json(minted);
     },
     revokeMyToken: async (req, res) => {
-      await tokens.revoke(input(res).params.id as number, issuerOf(authOf(res)), auditContextOf(req, res));
+      await tokens.revoke(input(res).params.id as number, issuerOf(authOf(res)), auditContextOf(res));
       res.status(204).end();
     },
   };

@@ -8,7 +8,7 @@ import type { CreateUserInput, UpdateUserInput, UsersService } from './users.ser
 export function usersHandlers(users: UsersService): Record<string, Handler> {
   return {
     createUser: async (req, res) => {
-      const user = await users.create(input(res).body as CreateUserInput, auditContextOf(req, res));
+      const user = await users.create(input(res).body as CreateUserInput, auditContextOf(res));
       res.status(201).location(`/admin/users/${user.id}`).json(user);
     },
     listUsers: async (_req, res) => {
@@ -23,10 +23,10 @@ export function usersHandlers(users: UsersService): Record<string, Handler> {
     },
     updateUser: async (req, res) => {
       const { params, body } = input(res);
-      res.json(await users.update(params.id as number, body as UpdateUserInput, auditContextOf(req, res)));
+      res.json(await users.update(params.id as number, body as UpdateUserInput, auditContextOf(res)));
     },
     deleteUser: async (req, res) => {
-      await users.delete(input(res).params.id as number, auditContextOf(req, res));
+      await users.delete(input(res).params.id as number, auditContextOf(res));
       res.status(204).end();
     },
   };
