@@ -32,4 +32,7 @@ VOLUME /data
 EXPOSE 8056
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+process.env.PORT+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
-CMD ["node", "dist/src/server.js"]
+# The flags are package.json's config.node_flags (npm start uses them too; a test keeps the two equal):
+# a young generation capped at 8 MB a semi-space keeps peak memory under load ~40 MB lower, at no
+# measurable cost in CPU (docs/performance.md).
+CMD ["node", "--max-semi-space-size=8", "dist/src/server.js"]

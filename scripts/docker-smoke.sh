@@ -2,7 +2,7 @@
 # The Dockerfile's steps without Docker (`npm run docker:smoke`; CI runs it):
 #   build stage:   clean dir with only what the build stage COPYs -> npm ci -> npm run build -> npm prune --omit=dev
 #   runtime stage: clean dir with only what the final stage COPYs --from=build, the final stage's ENV only,
-#                  CMD `node dist/src/server.js`, then /healthz and the image's own HEALTHCHECK command.
+#                  the Dockerfile's CMD, then /healthz and the image's own HEALTHCHECK command.
 #   README:        the quick start's Docker block as a person copies it (the admin key written to .env,
 #                  passed with --env-file), then the walkthrough's ADMIN_TOKEN line against the server.
 # It proves the image's file list and environment are enough to run keyward, that no dev
@@ -157,9 +157,17 @@ RUNTIME_ENV+=(
   "PORT=$PORT"
 )
 
-# The image's CMD, with `env -i`: nothing from this shell leaks in except the variables above.
-say "starting node dist/src/server.js on port $PORT"
-(cd "$APP" && exec env -i "${RUNTIME_ENV[@]}" node dist/src/server.js) >"$LOG" 2>&1 &
+# The Dockerfile's own CMD (exec form), with `env -i`: nothing from this shell leaks in except the
+# variables above.
+mapfile -d '' -t SERVER_CMD < <(node -e '
+  const lines = require("node:fs").readFileSync(process.argv[1], "utf8").split("\n").filter((l) => /^CMD\s/.test(l));
+  const m = /^CMD\s+(\[.*\])\s*$/.exec(lines[lines.length - 1] ?? "");
+  if (!m) { console.error("the Dockerfile has no CMD in exec form"); process.exit(1); }
+  process.stdout.write(JSON.parse(m[1]).join("\0") + "\0");
+' "$DOCKERFILE")
+[[ ${#SERVER_CMD[@]} -gt 0 ]] || fail "could not read the CMD from the Dockerfile"
+say "starting ${SERVER_CMD[*]} on port $PORT"
+(cd "$APP" && exec env -i "${RUNTIME_ENV[@]}" "${SERVER_CMD[@]}") >"$LOG" 2>&1 &
 SERVER_PID=$!
 
 healthy=""

@@ -5,6 +5,8 @@ import {
   assertBuilt,
   jsonLines,
   makeTempDir,
+  NODE_FLAGS,
+  REPO_ROOT,
   removeTempDirs,
   runBash,
   runServerUntilExit,
@@ -123,6 +125,27 @@ describe('the seed doc\'s admin curl commands, run verbatim against the real ser
     expect(me.status).toBe(200);
     expect(me.body.user).toMatchObject({ id: 1, email: 'user@example.com' });
     expect(me.body.token.id).toBe(1);
+  });
+});
+
+describe('how keyward is started', () => {
+  const pkg = JSON.parse(readFileSync(join(REPO_ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string>; config: { node_flags: string } };
+
+  test('the image and npm start run the server with the same Node flags, package.json\'s config.node_flags', () => {
+    expect(NODE_FLAGS).toEqual(['--max-semi-space-size=8']);
+    const dockerfile = readFileSync(join(REPO_ROOT, 'Dockerfile'), 'utf8');
+    const cmd = dockerfile.split('\n').filter((l) => /^CMD\s/.test(l)).pop() ?? '';
+    expect(JSON.parse(cmd.replace(/^CMD\s+/, ''))).toEqual(['node', ...NODE_FLAGS, 'dist/src/server.js']);
+    for (const script of ['start', 'quickstart']) {
+      expect([script, pkg.scripts[script]]).toEqual([script, expect.stringMatching(/&& node \$npm_package_config_node_flags dist\/src\/server\.js$/)]);
+    }
+  });
+
+  test('the server these tests start runs with those flags', async () => {
+    const dir = makeTempDir('flags');
+    const server = await startServer({ env: baseEnv(dir, newAdminKey()) });
+    expect(server.child.spawnargs.slice(1)).toEqual([...NODE_FLAGS, expect.stringMatching(/dist\/src\/server\.js$/)]);
+    expect((await fetch(`${server.baseUrl}/healthz`)).status).toBe(200);
   });
 });
 

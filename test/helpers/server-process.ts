@@ -1,16 +1,20 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
 /**
- * Starts the real built server (`node dist/src/server.js`) as a child process, the way a self-hoster
- * runs it. Every wait is bounded and every child started here is killed by `stopAllServers()` (call it
+ * Starts the real built server (`node <flags> dist/src/server.js`) as a child process, the way a
+ * self-hoster runs it. Every wait is bounded and every child started here is killed by `stopAllServers()` (call it
  * in afterEach/afterAll) or, as a last resort, when the test process exits.
  */
 
 export const REPO_ROOT = resolve(__dirname, '..', '..');
 export const SERVER_JS = join(REPO_ROOT, 'dist', 'src', 'server.js');
+/** The Node flags `npm start` and the image run the server with (package.json's config.node_flags). */
+export const NODE_FLAGS: string[] = (
+  JSON.parse(readFileSync(join(REPO_ROOT, 'package.json'), 'utf8')) as { config: { node_flags: string } }
+).config.node_flags.split(' ').filter((f) => f !== '');
 
 const START_TIMEOUT_MS = 15_000;
 const STOP_TIMEOUT_MS = 10_000;
@@ -86,7 +90,7 @@ interface Spawned {
 
 function spawnServer(options: StartOptions): Spawned {
   assertBuilt();
-  const child = spawn(process.execPath, [SERVER_JS], {
+  const child = spawn(process.execPath, [...NODE_FLAGS, SERVER_JS], {
     cwd: options.cwd ?? makeTempDir(),
     env: childEnv(options.env),
     stdio: ['ignore', 'pipe', 'pipe'],
