@@ -4,6 +4,7 @@ import helmet from 'helmet';
 import { HELMET_OPTIONS } from '../src/http/security-headers';
 import request from 'supertest';
 import { errorHandler } from '../src/http/error-handler';
+import { AppError } from '../src/http/errors';
 import { createLogger } from '../src/logger';
 import { admin, createTestApp, createUser, expectError, mintToken, type TestContext } from './helpers/app';
 
@@ -103,6 +104,16 @@ describe('one error envelope from every layer', () => {
     expect(res.status).toBe(500);
     expect(res.body).toEqual({ error: { code: 'INTERNAL_ERROR', message: 'Internal server error.', details: null, request_id: 'req-1' } });
     expect(lines.join('')).toContain('disk exploded');
+  });
+});
+
+describe('errors as values', () => {
+  test('a refusal (4xx) carries no stack trace, which costs time and tells nobody anything; a fault (5xx) keeps its own', () => {
+    const refusal = new AppError(401, 'INVALID_API_KEY', 'The API key is not valid.');
+    expect(refusal.stack?.split('\n')).toEqual(['AppError: The API key is not valid.']);
+    const fault = new AppError(500, 'INTERNAL_ERROR', 'boom');
+    expect(fault.stack?.split('\n').length).toBeGreaterThan(1);
+    expect(Error.stackTraceLimit).toBeGreaterThan(0);
   });
 });
 
