@@ -33,6 +33,7 @@ EXPOSE 8056
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+process.env.PORT+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 # The flags are package.json's config.node_flags (npm start uses them too; a test keeps the two equal):
-# a young generation capped at 8 MB a semi-space keeps peak memory under load ~40 MB lower, at no
-# measurable cost in CPU (docs/performance.md).
-CMD ["node", "--max-semi-space-size=8", "dist/src/server.js"]
+# a young generation capped at 8 MB a semi-space, and an old generation that grows by half its live
+# size between major collections instead of up to four times it, keep peak memory under load about
+# 100 MB lower at no measurable cost in CPU (docs/performance.md).
+CMD ["node", "--max-semi-space-size=8", "--heap-growing-percent=50", "dist/src/server.js"]

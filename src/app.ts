@@ -138,7 +138,7 @@ export function createApp(deps: AppDeps): KeywardApp {
       throw new Error(`openapi: ${op.operationId} requires unknown scope ${op.requiredScope}`);
     }
   }
-  // Handlers that need only Node's request and response; the verification lane answers the first two.
+  // Handlers that need only Node's request and response: the verification lane answers their operations.
   const lean = { ...meHandlers(), ...forwardAuthHandlers() };
   const runners = operationRunners(
     operations,
