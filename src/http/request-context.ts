@@ -119,7 +119,8 @@ export function requestPipeline(options: PipelineOptions): (req: IncomingMessage
     const incoming = req.headers['x-request-id'];
     const context: RequestContext = {
       requestId: typeof incoming === 'string' && acceptable(incoming) ? incoming : randomUUID(),
-      ip: proxyaddr(req, trust),
+      // A socket already closed has no address; proxy-addr then has none to give.
+      ip: (proxyaddr(req, trust) as string | undefined) ?? '',
       started,
       operationId: null,
       routePath: null,
