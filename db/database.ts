@@ -1,7 +1,7 @@
 import { closeSync, chmodSync, mkdirSync, openSync, statfsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import SqliteDatabase from 'better-sqlite3';
-import { type CompiledQuery, Kysely, Migrator, PostgresAdapter, PostgresDialect, SqliteDialect, sql } from 'kysely';
+import { type Compilable, type CompiledQuery, Kysely, Migrator, PostgresAdapter, PostgresDialect, SqliteDialect, sql } from 'kysely';
 import { Pool, types } from 'pg';
 
 const INT8_OID = 20;
@@ -140,6 +140,27 @@ export function hotRead<Row>(db: Db, query: CompiledQuery): (parameters: readonl
     return async (parameters) => (statements.inTransaction() ? viaKysely(parameters) : (statement.get(parameters) as Row | undefined));
   }
   return async (parameters) => (await db.executeQuery<Row>({ ...query, parameters })).rows[0];
+}
+
+/**
+ * The same write for each of many rows, in one transaction: the periodic flushes of last use and usage.
+ * Building and compiling a Kysely query costs far more than running it (about 12 µs and 25 KB of
+ * garbage a row: a flush of 5,000 rows held the event loop for 60 ms and filled the young generation
+ * as it went), so the query is built once with a marker in place of each of the row's values, and each
+ * row runs the compiled statement with its own values in the markers' places.
+ */
+export async function writeEach<Row extends Record<string, string | number>>(db: Db, rows: readonly Row[], query: (trx: Db, row: Row) => Compilable<unknown>): Promise<void> {
+  if (rows.length === 0) return;
+  const keys = Object.keys(rows[0]!);
+  const markers = Object.fromEntries(keys.map((key) => [key, `\u0000${key}`])) as Row;
+  await writeTransaction(db, async (trx) => {
+    const compiled = query(trx, markers).compile();
+    const slots = compiled.parameters.map((p) => (typeof p === 'string' && p.startsWith('\u0000') ? p.slice(1) : undefined));
+    if (keys.some((key) => !slots.includes(key))) throw new Error('writeEach: every value of a row must be a parameter of the query');
+    for (const row of rows) {
+      await trx.executeQuery({ ...compiled, parameters: compiled.parameters.map((p, i) => (slots[i] === undefined ? p : row[slots[i]!])) });
+    }
+  });
 }
 
 /**

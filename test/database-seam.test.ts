@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import SqliteDatabase from 'better-sqlite3';
 import { sql } from 'kysely';
-import { isStorageUnavailable, migrateToLatest, openSqlite, type Storage, writeTransaction } from '../db/database';
+import { isStorageUnavailable, migrateToLatest, openSqlite, type Storage, writeEach, writeTransaction } from '../db/database';
 import { findCredentialBySelector } from '../src/tokens/tokens.repository';
 
 let storage: Storage;
@@ -52,6 +52,49 @@ describe('the credential lookup (hotRead)', () => {
     release();
     await expect(transaction).rejects.toThrow('roll back');
     expect((await lookup)?.revoked_at).toBeNull();
+  });
+});
+
+describe('writeEach (the periodic flushes)', () => {
+  const tokenRows = async () => storage.db.selectFrom('tokens').select(['id', 'name', 'last4']).orderBy('id').execute();
+
+  beforeEach(async () => {
+    const now = '2026-01-01T00:00:00.000Z';
+    for (let i = 0; i < 4; i++) {
+      await storage.db
+        .insertInto('tokens')
+        .values({ user_id: 1, name: null, selector: `S${i}`.padEnd(12, 'x'), secret_hash: 'x', last4: 'abcd', environment: 'live', scopes: 'bots:read', created_at: now })
+        .execute();
+    }
+  });
+
+  test("runs the write once per row with that row's values, a value used twice included, and a constant of the query kept", async () => {
+    const rows = [2, 3, 4, 5].map((id) => ({ id, name: `token ${id}` }));
+    await writeEach(storage.db, rows, (trx, row) =>
+      trx.updateTable('tokens').set({ name: row.name, last4: 'wxyz' }).where('id', '=', row.id).where('name', 'is', null).where((eb) => eb.or([eb('name', '<>', row.name), eb('id', '=', row.id)])),
+    );
+    expect(await tokenRows()).toEqual([
+      { id: 1, name: null, last4: 'abcd' },
+      ...rows.map(({ id, name }) => ({ id, name, last4: 'wxyz' })),
+    ]);
+  });
+
+  test('is one transaction: a row that fails rolls back the rows before it', async () => {
+    const rows = [{ id: 2, selector: 'NEW000000000' }, { id: 3, selector: 'AAAAAAAAAAAA' }];
+    await expect(writeEach(storage.db, rows, (trx, row) => trx.updateTable('tokens').set({ selector: row.selector }).where('id', '=', row.id))).rejects.toThrow(/UNIQUE/);
+    expect(await storage.db.selectFrom('tokens').select('selector').where('id', '=', 2).executeTakeFirstOrThrow()).toEqual({ selector: 'S0xxxxxxxxxx' });
+  });
+
+  test('refuses a query that leaves one of the row\'s values out, having written nothing', async () => {
+    const rows = [{ id: 2, name: 'never written' }];
+    await expect(writeEach(storage.db, rows, (trx, row) => trx.updateTable('tokens').set({ last4: 'wxyz' }).where('id', '=', row.id))).rejects.toThrow(/every value of a row/);
+    expect((await tokenRows()).every((row) => row.last4 === 'abcd')).toBe(true);
+  });
+
+  test('writes nothing and opens no transaction for no rows', async () => {
+    await writeEach(storage.db, [], () => {
+      throw new Error('not called');
+    });
   });
 });
 

@@ -1,4 +1,4 @@
-import { type Db, readSnapshot, writeTransaction } from '../../db/database';
+import { type Db, readSnapshot, writeEach } from '../../db/database';
 import type { BotRow } from '../../db/schema';
 import type { Clock } from '../clock';
 import { validationError } from '../http/errors';
@@ -94,15 +94,12 @@ export class UsageRecorder {
     const batch = this.counts;
     this.counts = new Map();
     try {
-      await writeTransaction(this.deps.db, async (trx) => {
-        for (const c of batch.values()) {
-          await trx
-            .insertInto('usage_daily')
-            .values({ day: c.day, user_id: c.userId, token_id: c.tokenId, requests: c.requests })
-            .onConflict((oc) => oc.columns(['user_id', 'day', 'token_id']).doUpdateSet((eb) => ({ requests: eb('usage_daily.requests', '+', eb.ref('excluded.requests')) })))
-            .execute();
-        }
-      });
+      await writeEach(this.deps.db, [...batch.values()], (trx, c) =>
+        trx
+          .insertInto('usage_daily')
+          .values({ day: c.day, user_id: c.userId, token_id: c.tokenId, requests: c.requests })
+          .onConflict((oc) => oc.columns(['user_id', 'day', 'token_id']).doUpdateSet((eb) => ({ requests: eb('usage_daily.requests', '+', eb.ref('excluded.requests')) }))),
+      );
     } catch (err) {
       for (const [key, c] of batch) {
         const newer = this.counts.get(key);
