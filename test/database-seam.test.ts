@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import SqliteDatabase from 'better-sqlite3';
 import { sql } from 'kysely';
-import { isStorageUnavailable, migrateToLatest, openSqlite, type Storage, writeEach, writeTransaction } from '../db/database';
+import { isStorageUnavailable, migrateToLatest, openSqlite, sqliteHandle, type Storage, writeEach, writeTransaction } from '../db/database';
 import { findCredentialBySelector } from '../src/tokens/tokens.repository';
 
 let storage: Storage;
@@ -112,6 +112,13 @@ describe('writeTransaction on a SQLite file another process is writing to', () =
     other.close();
     await file.close();
     rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("opens the file in WAL mode with full sync and SQLite's own 2 MB page cache (the kernel caches the file's pages)", () => {
+    const handle = sqliteHandle(file.db)!;
+    expect(handle.pragma('journal_mode', { simple: true })).toBe('wal');
+    expect(handle.pragma('synchronous', { simple: true })).toBe(2);
+    expect(handle.pragma('cache_size', { simple: true })).toBe(-2000);
   });
 
   test('waits for the write lock without blocking the event loop, reads go on meanwhile, and it writes once the lock is free', async () => {
