@@ -132,7 +132,7 @@ describe('how keyward is started', () => {
   const pkg = JSON.parse(readFileSync(join(REPO_ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string>; config: { node_flags: string } };
 
   test('the image and npm start run the server with the same Node flags, package.json\'s config.node_flags', () => {
-    expect(NODE_FLAGS).toEqual(['--max-semi-space-size=8', '--heap-growing-percent=50']);
+    expect(NODE_FLAGS).toEqual(['--max-semi-space-size=4', '--heap-growing-percent=30']);
     const dockerfile = readFileSync(join(REPO_ROOT, 'Dockerfile'), 'utf8');
     const cmd = dockerfile.split('\n').filter((l) => /^CMD\s/.test(l)).pop() ?? '';
     expect(JSON.parse(cmd.replace(/^CMD\s+/, ''))).toEqual(['node', ...NODE_FLAGS, 'dist/src/server.js']);
