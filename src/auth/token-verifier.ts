@@ -1,15 +1,14 @@
-import { createHash, timingSafeEqual } from 'node:crypto';
-import { LRUCache } from 'lru-cache';
+import { createHash } from 'node:crypto';
 import type { Db } from '../../db/database';
 import { type Clock, isoNow } from '../clock';
 import { AppError } from '../http/errors';
-import { DigestCache } from './digest-cache';
+import { SecretCheck, type SecretCheckStats } from './secret-check';
 import type { SecretHasher } from '../tokens/secret-hasher';
 import { parseScopes } from '../tokens/scopes';
 import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 import type { LastUseRecorder } from '../tokens/last-use';
 import type { UsageRecorder } from '../usage/usage';
-import { type Environment, maskToken, type ParsedToken, parseToken, randomBase62, SECRET_LENGTH } from '../tokens/token-format';
+import { type Environment, maskToken, type ParsedToken, parseToken } from '../tokens/token-format';
 import { findCredentialBySelector } from '../tokens/tokens.repository';
 
 /** A key as sent, parsed and hashed once per request. `parsed` is null for anything malformed. */
@@ -32,21 +31,13 @@ export interface AuthContext {
   };
 }
 
-/** Wrong secrets tolerated per token per window before its bcrypt checks are refused outright. */
-export const MAX_FAILED_CHECKS = 10;
-export const FAILED_CHECK_WINDOW_MS = 60_000;
-
 const WWW_AUTHENTICATE = { 'WWW-Authenticate': 'Bearer realm="keyward", error="invalid_token"' };
 const malformed = () => new AppError(401, 'INVALID_API_KEY', 'The API key is malformed or mistyped.', undefined, WWW_AUTHENTICATE);
 const invalid = () => new AppError(401, 'INVALID_API_KEY', 'The API key is not valid.', undefined, WWW_AUTHENTICATE);
 
 const sha256 = (value: string): Buffer => createHash('sha256').update(value).digest();
 
-export interface VerifierStats {
-  bcryptChecks: number;
-  cacheHits: number;
-  cacheMisses: number;
-}
+export type VerifierStats = SecretCheckStats;
 
 /**
  * Verification (product.md): checksum first, one indexed lookup by selector, bcrypt once per token
@@ -54,20 +45,16 @@ export interface VerifierStats {
  * request, so revocation, expiry and a disabled user take effect on the very next request.
  */
 export class TokenVerifier {
-  /** token id → sha256(full token) of a token whose secret bcrypt has accepted. */
-  private readonly verified: DigestCache;
-  /** sha256(full token) of tokens bcrypt has refused: repeating a wrong token costs no bcrypt. */
-  private readonly refused = new LRUCache<string, true>({ max: 10_000 });
-  /** selector → failed bcrypt checks in the current window. */
-  private readonly failures = new LRUCache<string, number>({ max: 10_000, ttl: FAILED_CHECK_WINDOW_MS, noUpdateTTL: true });
-  /** Concurrent first requests with the same token share one bcrypt check. */
-  private readonly inflight = new Map<string, Promise<boolean>>();
-  readonly stats: VerifierStats = { bcryptChecks: 0, cacheHits: 0, cacheMisses: 0 };
+  private readonly secrets: SecretCheck;
 
   constructor(
     private readonly deps: { db: Db; clock: Clock; hasher: SecretHasher; tokenPrefix: string; cacheSize: number; lastUse: LastUseRecorder; usage: UsageRecorder },
   ) {
-    this.verified = new DigestCache(deps.cacheSize);
+    this.secrets = new SecretCheck({ hasher: deps.hasher, cacheSize: deps.cacheSize });
+  }
+
+  get stats(): VerifierStats {
+    return this.secrets.stats;
   }
 
   /** Parses and hashes a key once, for `knows` and `verify` to share. */
@@ -83,7 +70,7 @@ export class TokenVerifier {
    */
   knows(key: PresentedKey | string): boolean {
     const { digest } = typeof key === 'string' ? this.present(key) : key;
-    return digest !== undefined && (this.verified.has(digest) || this.inflight.has(digest.toString('hex')));
+    return digest !== undefined && this.secrets.knows(digest);
   }
 
   /** `clientIp` is the caller's address as TRUST_PROXY allows it to be known (Express's req.ip). */
@@ -93,22 +80,8 @@ export class TokenVerifier {
     const row = await findCredentialBySelector(this.deps.db, parsed.selector);
     // The environment is part of the token: a live key respelt as kw_test_… (checksum recomputed) is
     // not that key, and must not pass for a test key or take the real spelling's place in the cache.
-    if (!row || row.environment !== parsed.environment) {
-      // A key whose selector does not exist goes through the same bcrypt check, against a decoy hash,
-      // as a real selector with a wrong secret: same time, same per-selector limit, same answers, so
-      // nobody learns which selectors exist (docs/security.md has the measurement).
-      await this.checkSecret(parsed.selector, parsed.secret, await this.decoyHash(), digest);
-      throw invalid();
-    }
-
-    const known = this.verified.get(row.token_id);
-    if (known && timingSafeEqual(known, digest)) {
-      this.stats.cacheHits++;
-    } else {
-      this.stats.cacheMisses++;
-      await this.checkSecret(parsed.selector, parsed.secret, row.secret_hash, digest);
-      this.verified.set(row.token_id, digest);
-    }
+    const stored = row && row.environment === parsed.environment ? { id: row.token_id, secretHash: row.secret_hash } : undefined;
+    if (!(await this.secrets.matches(stored, parsed.selector, parsed.secret, digest)) || !row) throw invalid();
 
     // State is checked only after the secret: nobody learns a token's state without holding it.
     if (row.revoked_at !== null || row.deleted_at !== null) {
@@ -150,55 +123,4 @@ export class TokenVerifier {
     };
   }
 
-  private decoy: Promise<string> | undefined;
-
-  /** A bcrypt hash of a random secret nobody holds, at the configured cost; made on first need. */
-  private decoyHash(): Promise<string> {
-    this.decoy ??= this.deps.hasher.hash(randomBase62(SECRET_LENGTH)).catch((err: unknown) => {
-      this.decoy = undefined;
-      throw err;
-    });
-    return this.decoy;
-  }
-
-  private async checkSecret(selector: string, secret: string, hash: string, digest: Buffer): Promise<void> {
-    const key = digest.toString('hex');
-    if (this.refused.has(key)) throw invalid();
-    let pending = this.inflight.get(key);
-    let counted = false;
-    if (!pending) {
-      const failed = this.failures.get(selector) ?? 0;
-      if (failed >= MAX_FAILED_CHECKS) {
-        // Someone is guessing secrets for this selector: refuse before spending CPU on bcrypt.
-        const retryAfter = Math.max(1, Math.ceil(this.failures.getRemainingTTL(selector) / 1000));
-        throw new AppError(429, 'RATE_LIMITED', 'Too many failed attempts with this API key; try again later.', { retry_after: retryAfter }, {
-          'Retry-After': String(retryAfter),
-        });
-      }
-      // Counted before bcrypt and given back if the secret is right: a burst of different wrong
-      // secrets sent at once cannot all pass the check above before any of them has failed. Requests
-      // with the very same token share this one check and are not counted again.
-      this.failures.set(selector, failed + 1);
-      counted = true;
-      this.stats.bcryptChecks++;
-      pending = this.deps.hasher.verify(secret, hash).finally(() => this.inflight.delete(key));
-      this.inflight.set(key, pending);
-    }
-    let matches = false;
-    try {
-      matches = await pending;
-    } finally {
-      if (matches && counted) this.forgiveFailure(selector);
-    }
-    if (!matches) {
-      this.refused.set(key, true);
-      throw invalid();
-    }
-  }
-
-  private forgiveFailure(selector: string): void {
-    const failed = this.failures.get(selector) ?? 0;
-    if (failed > 1) this.failures.set(selector, failed - 1);
-    else this.failures.delete(selector);
-  }
 }
