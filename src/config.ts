@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 
@@ -83,6 +84,8 @@ export interface Variable<K extends keyof Config = keyof Config> {
   readonly default: string | undefined;
   readonly doc: string;
   readonly parse: (raw: string, name: string) => Parsed<Config[K]>;
+  /** A secret: it may instead be read from the file that `${name}_FILE` names (Docker and Kubernetes secrets). */
+  readonly secret?: true;
 }
 
 const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
@@ -230,9 +233,9 @@ function domains(raw: string, name: string): Parsed<readonly string[]> {
 
 /** The one table of settings: the loader, .env.example and the README's table all follow it. */
 export const VARIABLES: readonly Variable[] = [
-  { name: 'ADMIN_API_TOKEN', key: 'adminKeyDigest', default: undefined, parse: adminKey,
+  { name: 'ADMIN_API_TOKEN', secret: true, key: 'adminKeyDigest', default: undefined, parse: adminKey,
     doc: 'Required. The admin key for /admin/* (header X-Admin-API-Key); at least 32 characters: `openssl rand -hex 32`.' },
-  { name: 'ADMIN_API_TOKEN_NEXT', key: 'adminKeyNextDigest', default: '',
+  { name: 'ADMIN_API_TOKEN_NEXT', secret: true, key: 'adminKeyNextDigest', default: '',
     parse: (raw, name) => (raw === '' ? ok(null) : adminKey(raw, name)),
     doc: 'Optional second admin key that works too, for changing the admin key without downtime (docs/security.md).' },
   { name: 'PORT', key: 'port', default: '8056', parse: integer(0, 65535), doc: 'TCP port to listen on (0 picks a free one).' },
@@ -241,7 +244,7 @@ export const VARIABLES: readonly Variable[] = [
   { name: 'DATABASE_PATH', key: 'databasePath', default: './data/keyward.db',
     doc: 'SQLite database file; its directory is created and the file is readable by its owner only.',
     parse: (raw, name) => (raw.trim() === '' ? bad(`${name} must not be empty`) : ok(raw.trim())) },
-  { name: 'DATABASE_URL', key: 'databaseUrl', default: '', parse: databaseUrl,
+  { name: 'DATABASE_URL', secret: true, key: 'databaseUrl', default: '', parse: databaseUrl,
     doc: 'postgres://user:password@host:5432/db selects PostgreSQL (several instances can share it); empty: SQLite at DATABASE_PATH.' },
   { name: 'DATABASE_POOL_SIZE', key: 'databasePoolSize', default: '10', parse: integer(1, 1000),
     doc: 'PostgreSQL connections each instance keeps at most.' },
@@ -281,7 +284,7 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'How long released and expired bots stay visible before they are deleted (e.g. 7d, 48h).' },
   { name: 'SSO_TRUSTED_PROXIES', key: 'ssoTrustedProxies', default: '', parse: ssoProxies,
     doc: 'Addresses/CIDRs of the oauth2-proxy whose identity headers keyward believes (by connection address). Empty: SSO off.' },
-  { name: 'SSO_SHARED_SECRET', key: 'ssoSharedSecretDigest', default: '', parse: ssoSecret,
+  { name: 'SSO_SHARED_SECRET', secret: true, key: 'ssoSharedSecretDigest', default: '', parse: ssoSecret,
     doc: 'If set (32+ characters), the proxy must also send it in X-Keyward-SSO-Secret.' },
   { name: 'SSO_HEADER_PREFIX', key: 'ssoHeaderPrefix', default: 'X-Forwarded-',
     doc: 'Prefix of the identity headers: X-Forwarded- (oauth2-proxy upstream mode) or X-Auth-Request- (auth_request mode).',
@@ -300,7 +303,7 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'How long audit log entries are kept (e.g. 365d); 0 keeps them forever.' },
   { name: 'METRICS_ENABLED', key: 'metricsEnabled', default: 'on', parse: onOff,
     doc: 'off: no /metrics endpoint (404).' },
-  { name: 'METRICS_TOKEN', key: 'metricsTokenDigest', default: '', parse: ssoSecret,
+  { name: 'METRICS_TOKEN', secret: true, key: 'metricsTokenDigest', default: '', parse: ssoSecret,
     doc: 'If set (32+ characters), /metrics needs Authorization: Bearer <METRICS_TOKEN>.' },
   { name: 'METRICS_ALLOWED_IPS', key: 'metricsAllowedIps', default: '127.0.0.0/8, ::1', parse: metricsAddresses,
     doc: 'Addresses/CIDRs that may read /metrics (as TRUST_PROXY reveals them); any: every address, only with METRICS_TOKEN.' },
@@ -309,11 +312,46 @@ export const VARIABLES: readonly Variable[] = [
 ];
 
 /** Pure: reads only the given environment, and reports every problem at once. */
+/** Secrets files are a few bytes; anything this large is the wrong file. */
+const MAX_SECRET_FILE_BYTES = 64 * 1024;
+
+/**
+ * `${name}_FILE`, the convention of Docker and Kubernetes secrets (the postgres image's
+ * POSTGRES_PASSWORD_FILE): the value is the file's content, without the line ends that editors and
+ * `echo` leave at its end. Undefined: the variable is not read from a file. No message repeats what
+ * the file holds.
+ */
+function secretFromFile(name: string, direct: string | undefined, path: string | undefined): Parsed<string | undefined> {
+  const fileName = `${name}_FILE`;
+  if (path === undefined || path === '') return ok(undefined);
+  if (direct !== undefined && direct !== '') return bad(`${name} and ${fileName} are both set; set only one of them`);
+  let content: string;
+  try {
+    const bytes = readFileSync(path);
+    if (bytes.length > MAX_SECRET_FILE_BYTES) return bad(`${fileName} names ${path}, which is larger than ${MAX_SECRET_FILE_BYTES / 1024} KiB: not a secrets file`);
+    content = bytes.toString('utf8');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code ?? 'unknown error';
+    return bad(`${fileName} names ${path}, which cannot be read (${code})`);
+  }
+  const value = content.replace(/[\r\n]+$/, '');
+  if (value === '') return bad(`${fileName} names ${path}, which is empty`);
+  return ok(value);
+}
+
 export function loadConfig(env: Record<string, string | undefined>): Config {
   const problems: string[] = [];
   const values: Partial<Record<keyof Config, unknown>> = {};
   for (const variable of VARIABLES) {
-    const raw = env[variable.name];
+    let raw = env[variable.name];
+    if (variable.secret) {
+      const fromFile = secretFromFile(variable.name, raw, env[`${variable.name}_FILE`]);
+      if (!fromFile.ok) {
+        problems.push(fromFile.problem);
+        continue;
+      }
+      raw = fromFile.value ?? raw;
+    }
     if (raw === undefined || (raw === '' && variable.default === undefined)) {
       if (variable.default === undefined) {
         problems.push(`${variable.name} is required; ${variable.name === 'ADMIN_API_TOKEN' ? HOW_TO_MAKE_A_KEY : variable.doc}`);

@@ -514,3 +514,84 @@ describe('the token lifecycle variables are reported with every other problem', 
     }
   });
 });
+
+describe('secrets from files (_FILE)', () => {
+  const { mkdtempSync, rmSync, writeFileSync, chmodSync } = jest.requireActual<typeof import('node:fs')>('node:fs');
+  const { tmpdir } = jest.requireActual<typeof import('node:os')>('node:os');
+  let dir: string;
+  const secretFile = (name: string, content: string | Buffer) => {
+    const path = join(dir, name);
+    writeFileSync(path, content, { mode: 0o600 });
+    return path;
+  };
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'keyward-secrets-'));
+  });
+  afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+  const SECRETS = ['ADMIN_API_TOKEN', 'ADMIN_API_TOKEN_NEXT', 'DATABASE_URL', 'SSO_SHARED_SECRET', 'METRICS_TOKEN'];
+
+  it('is offered for exactly the secret settings', () => {
+    expect(VARIABLES.filter((v) => v.secret).map((v) => v.name)).toEqual(SECRETS);
+  });
+
+  it('the README names the _FILE variant of exactly those', () => {
+    const readme = readFileSync(join(__dirname, '..', 'README.md'), 'utf8');
+    const listed = /<!-- secret-files[^>]*-->([\s\S]*?)<!-- \/secret-files -->/.exec(readme)?.[1] ?? '';
+    expect([...listed.matchAll(/`([A-Z_]+)`/g)].map((m) => m[1])).toEqual(SECRETS.map((name) => `${name}_FILE`));
+  });
+
+  it('reads each secret from its file, without the line end the file ends with', () => {
+    const next = 'a7c1e9f3b5d7092846afce13579bdf02468ace13579bdf02468ace13579bdf0';
+    const config = loadConfig({
+      ADMIN_API_TOKEN_FILE: secretFile('admin', `${GOOD_KEY}\n`),
+      ADMIN_API_TOKEN_NEXT_FILE: secretFile('next', `${next}\r\n`),
+      DATABASE_URL_FILE: secretFile('db', 'postgres://keyward:pa ss@db:5432/keyward\n'),
+      SSO_SHARED_SECRET_FILE: secretFile('sso', 'sso-shared-secret-of-at-least-32-chars'),
+      METRICS_TOKEN_FILE: secretFile('metrics', 'metrics-token-of-at-least-32-characters\n\n'),
+    });
+    const sha = (value: string) => createHash('sha256').update(value).digest();
+    expect(config.adminKeyDigest).toEqual(sha(GOOD_KEY));
+    expect(config.adminKeyNextDigest).toEqual(sha(next));
+    expect(config.databaseUrl).toBe('postgres://keyward:pa ss@db:5432/keyward');
+    expect(config.ssoSharedSecretDigest).toEqual(sha('sso-shared-secret-of-at-least-32-chars'));
+    expect(config.metricsTokenDigest).toEqual(sha('metrics-token-of-at-least-32-characters'));
+  });
+
+  it('checks a value from a file like the variable itself, naming the variable', () => {
+    const error = configErrorFor({ ADMIN_API_TOKEN_FILE: secretFile('admin', 'changeme\n') });
+    expect(error.problems).toEqual(['ADMIN_API_TOKEN is a placeholder value; generate one with `openssl rand -hex 32`']);
+  });
+
+  it('refuses a variable set both directly and from a file, naming both, with every other problem', () => {
+    const error = configErrorFor({ ADMIN_API_TOKEN: GOOD_KEY, ADMIN_API_TOKEN_FILE: secretFile('admin', GOOD_KEY), METRICS_TOKEN: 'x'.repeat(40), METRICS_TOKEN_FILE: secretFile('m', 'y'.repeat(40)), PORT: 'eighty' });
+    expect(error.problems).toEqual([
+      'ADMIN_API_TOKEN and ADMIN_API_TOKEN_FILE are both set; set only one of them',
+      expect.stringMatching(/^PORT must be/),
+      'METRICS_TOKEN and METRICS_TOKEN_FILE are both set; set only one of them',
+    ]);
+  });
+
+  it('an empty variable beside its file is not "both set" (compose files often pass empty variables)', () => {
+    expect(loadConfig({ ADMIN_API_TOKEN: '', ADMIN_API_TOKEN_FILE: secretFile('admin', GOOD_KEY) }).adminKeyDigest).toEqual(createHash('sha256').update(GOOD_KEY).digest());
+  });
+
+  it('refuses a missing, unreadable, empty or oversized file by its path, never showing what it holds', () => {
+    const missing = join(dir, 'missing');
+    expect(configErrorFor({ ADMIN_API_TOKEN_FILE: missing }).problems).toEqual([`ADMIN_API_TOKEN_FILE names ${missing}, which cannot be read (ENOENT)`]);
+    expect(configErrorFor({ ADMIN_API_TOKEN_FILE: dir }).problems).toEqual([`ADMIN_API_TOKEN_FILE names ${dir}, which cannot be read (EISDIR)`]);
+    const empty = secretFile('empty', '\n');
+    expect(configErrorFor({ ADMIN_API_TOKEN_FILE: empty }).problems).toEqual([`ADMIN_API_TOKEN_FILE names ${empty}, which is empty`]);
+    const big = secretFile('big', Buffer.alloc(65 * 1024, 'k'));
+    expect(configErrorFor({ ADMIN_API_TOKEN_FILE: big }).problems).toEqual([`ADMIN_API_TOKEN_FILE names ${big}, which is larger than 64 KiB: not a secrets file`]);
+    const url = secretFile('db', 'mysql://user:hunter2-password@db/keyward');
+    const problems = configErrorFor({ ADMIN_API_TOKEN: GOOD_KEY, DATABASE_URL_FILE: url }).problems;
+    expect(problems).toEqual([expect.stringMatching(/^DATABASE_URL must start with postgres:\/\//)]);
+    expect(problems.join('\n')).not.toContain('hunter2');
+    if (process.getuid?.() !== 0) {
+      const locked = secretFile('locked', GOOD_KEY);
+      chmodSync(locked, 0o000);
+      expect(configErrorFor({ ADMIN_API_TOKEN_FILE: locked }).problems).toEqual([`ADMIN_API_TOKEN_FILE names ${locked}, which cannot be read (EACCES)`]);
+    }
+  });
+});

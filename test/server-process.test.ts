@@ -362,3 +362,31 @@ describe('.env in the working directory', () => {
     expect(result.stderr).toContain('openssl rand -hex 32');
   });
 });
+
+describe('secrets from files', () => {
+  test('ADMIN_API_TOKEN_FILE: the README\'s commands make the key file; the server reads it, and its key works', async () => {
+    const dir = makeTempDir('secret-file');
+    const readme = readFileSync(join(REPO_ROOT, 'README.md'), 'utf8');
+    const makeKey = /^openssl rand -hex 32 > admin-key && chmod 600 admin-key$/m.exec(readme)?.[0];
+    expect(makeKey).toBeDefined();
+    expect((await runBash(makeKey!, { cwd: dir })).code).toBe(0);
+    const adminKey = readFileSync(join(dir, 'admin-key'), 'utf8').trim();
+    expect(statSync(join(dir, 'admin-key')).mode & 0o777).toBe(0o600);
+    const { ADMIN_API_TOKEN: _omitted, ...env } = baseEnv(dir, adminKey);
+    const server = await startServer({ env: { ...env, ADMIN_API_TOKEN_FILE: join(dir, 'admin-key') }, cwd: dir });
+
+    expect((await getJson(`${server.baseUrl}/admin/users`, { 'X-Admin-API-Key': adminKey })).status).toBe(200);
+    expect((await getJson(`${server.baseUrl}/admin/users`, { 'X-Admin-API-Key': newAdminKey() })).status).toBe(401);
+    expect(server.logs).not.toContain(adminKey);
+  });
+
+  test('refuses to start with both ADMIN_API_TOKEN and ADMIN_API_TOKEN_FILE, naming both', async () => {
+    const dir = makeTempDir('secret-file');
+    const adminKey = newAdminKey();
+    writeFileSync(join(dir, 'admin-key'), adminKey, { mode: 0o600 });
+    const result = await runServerUntilExit({ env: { ...baseEnv(dir, adminKey), ADMIN_API_TOKEN_FILE: join(dir, 'admin-key') }, cwd: dir });
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain('ADMIN_API_TOKEN and ADMIN_API_TOKEN_FILE are both set; set only one of them');
+    expect(result.stderr).not.toContain(adminKey);
+  });
+});
