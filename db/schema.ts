@@ -78,11 +78,13 @@ export interface BotsTable {
 export interface AuditEventsTable {
   id: Generated<number>;
   at: string;
-  actor_type: 'admin' | 'key' | 'sso' | 'anonymous' | 'system';
+  actor_type: 'admin' | 'admin_key' | 'key' | 'sso' | 'anonymous' | 'system';
   actor_id: string;
   actor_user_id: number | null;
   actor_token_id: number | null;
   actor_email: string | null;
+  /** An admin key's name when it made the change (it may be renamed or reused later: this is the name then). */
+  actor_name: string | null;
   action: string;
   target_type: string | null;
   target_id: string | null;
@@ -102,12 +104,34 @@ export interface UsageDailyTable {
   bot_seconds: Generated<number>;
 }
 
+/** A named, scoped key for /admin (issue 18). */
+export interface AdminKeysTable {
+  id: Generated<number>;
+  name: string;
+  selector: string;
+  /** bcrypt hash of the secret part; the key itself is never stored. */
+  secret_hash: string;
+  last4: string;
+  /** Space-separated admin scope names. */
+  scopes: string;
+  /** JSON array of addresses and CIDR ranges; NULL means anywhere. */
+  allowed_ips: string | null;
+  created_at: string;
+  expires_at: string | null;
+  revoked_at: string | null;
+  /** The audit actor id of whoever minted it. */
+  created_by: string;
+  last_used_at: string | null;
+  last_used_ip: string | null;
+}
+
 export interface Database {
   users: UsersTable;
   tokens: TokensTable;
   bots: BotsTable;
   audit_events: AuditEventsTable;
   usage_daily: UsageDailyTable;
+  admin_keys: AdminKeysTable;
 }
 
 export type UserRow = Selectable<UsersTable>;
@@ -116,6 +140,7 @@ export type UserUpdate = Updateable<UsersTable>;
 export type TokenRow = Selectable<TokensTable>;
 export type NewTokenRow = Insertable<TokensTable>;
 export type TokenUpdate = Updateable<TokensTable>;
+export type AdminKeyRow = Selectable<AdminKeysTable>;
 export type BotRow = Selectable<BotsTable>;
 export type NewBotRow = Insertable<BotsTable>;
 export type AuditEventRow = Selectable<AuditEventsTable>;

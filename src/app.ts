@@ -1,7 +1,12 @@
 import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
 import express from 'express';
 import type { Db } from '../db/database';
+import { AdminKeyVerifier } from './admin-keys/admin-key-verifier';
+import { writeAdminKeyLastUse } from './admin-keys/admin-keys.repository';
+import { adminKeysHandlers } from './admin-keys/admin-keys.routes';
+import { AdminKeysService } from './admin-keys/admin-keys.service';
 import { requireAdmin } from './auth/admin-auth';
+import { writeLastUse } from './tokens/tokens.repository';
 import { TokenVerifier } from './auth/token-verifier';
 import { requireUser } from './auth/user-auth';
 import { type Clock, systemClock } from './clock';
@@ -55,6 +60,8 @@ export interface KeywardApp extends RequestListener<typeof IncomingMessage, type
   readonly verifier: TokenVerifier;
   /** Last use of each token, written in batches. */
   readonly lastUse: LastUseRecorder;
+  /** The same for named admin keys. */
+  readonly adminLastUse: LastUseRecorder;
   /** Requests per token and day, written in batches. */
   readonly usage: UsageRecorder;
   readonly bots: BotsService;
@@ -75,7 +82,8 @@ export function createApp(deps: AppDeps): KeywardApp {
   const lifecycle = deps.lifecycle ?? { draining: false };
 
   const catalog = scopeCatalog(config.extraScopes);
-  const lastUse = new LastUseRecorder({ db, clock, logger });
+  const lastUse = new LastUseRecorder({ db, clock, logger, write: writeLastUse });
+  const adminLastUse = new LastUseRecorder({ db, clock, logger, write: writeAdminKeyLastUse });
   const usageRecorder = new UsageRecorder({ db, clock, logger });
   const usage = new UsageService({ db, clock, recorder: usageRecorder });
   const audit = new AuditLog({ db, clock, logger, retentionSeconds: config.auditRetentionSeconds });
@@ -104,6 +112,8 @@ export function createApp(deps: AppDeps): KeywardApp {
     maxTokensPerUser: config.maxTokensPerUser,
   });
   const verifier = new TokenVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, cacheSize: config.verifyCacheSize, lastUse, usage: usageRecorder });
+  const adminKeyVerifier = new AdminKeyVerifier({ db, clock, hasher, tokenPrefix: config.tokenPrefix, lastUse: adminLastUse });
+  const adminKeys = new AdminKeysService({ db, clock, hasher, tokenPrefix: config.tokenPrefix, lastUse: adminLastUse, maxAdminKeys: config.maxAdminKeys });
   const metrics = new Metrics({ db, databasePath: config.databasePath, verifier: verifier.stats, limits, activeBots: () => bots.activeTotal() });
 
   const app = express();
@@ -118,14 +128,14 @@ export function createApp(deps: AppDeps): KeywardApp {
   const auditFailures: RequestObserver = (outcome) => {
     if (outcome.errorCode !== null && AUTH_FAILURE_CODES.has(outcome.errorCode)) audit.authFailed(outcome.ip, outcome.errorCode);
   };
-  const adminKeys = config.adminKeyNextDigest ? [config.adminKeyDigest, config.adminKeyNextDigest] : [config.adminKeyDigest];
+  const rootKeys = config.adminKeyNextDigest ? [config.adminKeyDigest, config.adminKeyNextDigest] : [config.adminKeyDigest];
   const observers = config.metricsEnabled ? [metrics.observe, auditFailures] : [auditFailures];
   const beginRequest = requestPipeline({
     logger,
     headers: securityHeaders(),
     isDraining: () => lifecycle.draining,
     observers,
-    secretDigests: adminKeys,
+    secretDigests: rootKeys,
     trustProxy: config.trustProxy,
   });
   const respondWithError = errorResponder(logger);
@@ -134,7 +144,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   const operations = listOperations(doc);
   // A route may only require a built-in scope: EXTRA_SCOPES are for the self-hoster's services.
   for (const op of operations) {
-    if (op.requiredScope !== null && !(BUILT_IN_SCOPES as readonly string[]).includes(op.requiredScope)) {
+    if (op.auth === 'user' && op.requiredScope !== null && !(BUILT_IN_SCOPES as readonly string[]).includes(op.requiredScope)) {
       throw new Error(`openapi: ${op.operationId} requires unknown scope ${op.requiredScope}`);
     }
   }
@@ -156,9 +166,10 @@ export function createApp(deps: AppDeps): KeywardApp {
       ...creditsHandlers(users, config.creditsPerBot),
       ...metricsHandlers(metrics),
       ...backupHandlers(db, clock, logger),
+      ...adminKeysHandlers(adminKeys),
     },
     {
-      admin: requireAdmin(adminKeys, limits),
+      admin: requireAdmin(rootKeys, adminKeyVerifier, limits),
       user: requireUser(verifier, limits),
       sso: requireSso(config, sso, limits),
       metrics: requireMetrics(config),
@@ -172,6 +183,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   app.use(ssoPageRouter());
   // Only once start-up can no longer throw: a failed createApp leaves no timer behind.
   lastUse.start();
+  adminLastUse.start();
   usageRecorder.start();
   audit.start();
   bots.start();
@@ -190,7 +202,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   };
   const stopBackground = async () => {
     bots.stop();
-    await Promise.all([lastUse.stop(), usageRecorder.stop(), audit.stop()]);
+    await Promise.all([lastUse.stop(), adminLastUse.stop(), usageRecorder.stop(), audit.stop()]);
   };
-  return Object.assign(listener, { verifier, lastUse, usage: usageRecorder, bots, audit, stopBackground });
+  return Object.assign(listener, { verifier, lastUse, adminLastUse, usage: usageRecorder, bots, audit, stopBackground });
 }

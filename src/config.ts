@@ -32,6 +32,8 @@ export interface Config {
   /** Longest a token may live, in seconds; null: no cap. */
   readonly maxTokenLifetimeSeconds: number | null;
   readonly maxTokensPerUser: number;
+  /** Active named admin keys at once. */
+  readonly maxAdminKeys: number;
   /** Default requests a minute on /v1 for new users. */
   readonly rateLimitPerMinute: number;
   /** Wrong keys a client address may send a minute before it is refused outright. */
@@ -274,6 +276,8 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'Longest a token may live (e.g. 90d, 12h, or seconds); tokens minted without expiry get it. Empty: no cap.' },
   { name: 'MAX_TOKENS_PER_USER', key: 'maxTokensPerUser', default: '100', parse: integer(1, 100_000),
     doc: 'Active tokens a user may hold at once, admin mints included; tokens being rotated out do not count.' },
+  { name: 'MAX_ADMIN_KEYS', key: 'maxAdminKeys', default: '100', parse: integer(1, 10_000),
+    doc: 'Active named admin keys (POST /admin/admin-keys) at once; revoked and expired keys do not count.' },
   { name: 'RATE_LIMIT_PER_MINUTE', key: 'rateLimitPerMinute', default: '600', parse: integer(0, 1_000_000),
     doc: 'Default /v1 requests a minute for new users (each user can have their own; 0 blocks).' },
   { name: 'AUTH_FAILURES_PER_MINUTE', key: 'authFailuresPerMinute', default: '20', parse: integer(1, 10_000_000),

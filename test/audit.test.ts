@@ -106,10 +106,11 @@ const adminActor = (ctx: TestContext) => ({
   user_id: null,
   token_id: null,
   email: null,
+  name: null,
 });
-const keyActor = (key: { id: number; user_id?: number }, userId: number) => ({ type: 'key', id: `token:${key.id}`, user_id: userId, token_id: key.id, email: null });
-const ssoActor = (userId: number, person = ALICE) => ({ type: 'sso', id: `sso:${person.subject}`, user_id: userId, token_id: null, email: person.email });
-const ANONYMOUS = { type: 'anonymous', id: 'anonymous', user_id: null, token_id: null, email: null };
+const keyActor = (key: { id: number; user_id?: number }, userId: number) => ({ type: 'key', id: `token:${key.id}`, user_id: userId, token_id: key.id, email: null, name: null });
+const ssoActor = (userId: number, person = ALICE) => ({ type: 'sso', id: `sso:${person.subject}`, user_id: userId, token_id: null, email: person.email, name: null });
+const ANONYMOUS = { type: 'anonymous', id: 'anonymous', user_id: null, token_id: null, email: null, name: null };
 const userTarget = (id: number) => ({ type: 'user', id: String(id), user_id: id });
 const tokenTarget = (id: number, userId: number) => ({ type: 'token', id: String(id), user_id: userId });
 

@@ -70,6 +70,22 @@ describe('mounting refuses a contract and handlers that disagree', () => {
   });
 
   test.each([
+    [undefined, 'openapi: admin operation open declares no x-admin-scope of src/admin-keys/admin-scopes.ts (got undefined)'],
+    ['users:delete', 'openapi: admin operation open declares no x-admin-scope of src/admin-keys/admin-scopes.ts (got "users:delete")'],
+    ['none', 'openapi: admin operation open declares no x-admin-scope of src/admin-keys/admin-scopes.ts (got "none")'],
+  ])('an /admin operation with x-admin-scope %j stops start-up (deny by default)', (scope, message) => {
+    const broken = { ...doc, paths: { '/admin/open': { get: { operationId: 'open', security: [{ AdminApiKey: [] }], 'x-admin-scope': scope, responses: {} } } } };
+    expect(() => listOperations(broken)).toThrow(message);
+  });
+
+  test('a user operation cannot declare an admin scope, nor an admin operation a user scope', () => {
+    const userWithAdmin = { ...doc, paths: { '/v1/x': { get: { operationId: 'x', security: [{ UserApiKey: [] }], 'x-required-scope': 'none', 'x-admin-scope': 'users:read', responses: {} } } } };
+    expect(() => listOperations(userWithAdmin)).toThrow('openapi: x is not an admin operation but declares x-admin-scope');
+    const adminWithUser = { ...doc, paths: { '/admin/x': { get: { operationId: 'x', security: [{ AdminApiKey: [] }], 'x-admin-scope': 'users:read', 'x-required-scope': 'bots:read', responses: {} } } } };
+    expect(() => listOperations(adminWithUser)).toThrow('openapi: x is not a user operation but declares x-required-scope');
+  });
+
+  test.each([
     ['/v1/open', [], 'openapi: open is under v1/ but its security is open'],
     ['/v1/open', [{ AdminApiKey: [] }], 'openapi: open is under v1/ but its security is admin'],
     ['/admin/open', [], 'openapi: open is under admin/ but its security is open'],
@@ -251,6 +267,24 @@ describe('responses match the documented schemas', () => {
       await tokenOnly.close();
       await outside.close();
     }
+  });
+
+  test('for admin keys, on success and on error', async () => {
+    const created = await request(ctx.app).post('/admin/admin-keys').set(admin).send({ name: 'contract', scopes: ['users:read'], expires_in: 600 });
+    expectDocumented('createAdminKey', created);
+    expectDocumented('createAdminKey', await request(ctx.app).post('/admin/admin-keys').set(admin).send({ name: 'contract', scopes: ['users:read'] }));
+    expectDocumented('createAdminKey', await request(ctx.app).post('/admin/admin-keys').set(admin).send({ name: 'x', scopes: ['nope'] }));
+    const narrow = { 'X-Admin-API-Key': created.body.key as string };
+    expectDocumented('createAdminKey', await request(ctx.app).post('/admin/admin-keys').set(narrow).send({ name: 'y', scopes: ['users:read'] }));
+    expectDocumented('listUsers', await request(ctx.app).get('/admin/users').set(narrow));
+    expectDocumented('listAdminKeys', await request(ctx.app).get('/admin/admin-keys').set(admin));
+    expectDocumented('listAdminKeys', await request(ctx.app).get('/admin/admin-keys').set(narrow));
+    expectDocumented('getAdminKey', await request(ctx.app).get(`/admin/admin-keys/${created.body.id}`).set(admin));
+    expectDocumented('getAdminKey', await request(ctx.app).get('/admin/admin-keys/999').set(admin));
+    expectDocumented('revokeAdminKey', await request(ctx.app).delete(`/admin/admin-keys/${created.body.id}`).set(admin));
+    expectDocumented('revokeAdminKey', await request(ctx.app).delete('/admin/admin-keys/999').set(admin));
+    expectDocumented('listUsers', await request(ctx.app).get('/admin/users').set(narrow));
+    expectDocumented('listAuditEvents', await request(ctx.app).get('/admin/audit?actor=admin_key').set(admin));
   });
 
   // Runs after the ones above (jest keeps a file's order): a new operation must join them.

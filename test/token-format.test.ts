@@ -8,6 +8,7 @@ import {
   generateToken,
   maskToken,
   MAX_TOKEN_LENGTH,
+  parseAdminKey,
   parseToken,
   randomBase62,
   type MintedToken,
@@ -54,14 +55,27 @@ describe('generateToken', () => {
     }
   });
 
-  it('round-trips the longest allowed prefix, at exactly MAX_TOKEN_LENGTH', () => {
+  it('round-trips the longest allowed prefix: an admin key is exactly MAX_TOKEN_LENGTH, a user token one less', () => {
     const minted = generateToken('abcdefghijklmnop', 'test');
-    expect(minted.token).toHaveLength(MAX_TOKEN_LENGTH);
+    expect(minted.token).toHaveLength(MAX_TOKEN_LENGTH - 1);
     expect(parseToken(minted.token, 'abcdefghijklmnop')).toEqual({
       environment: 'test',
       selector: minted.selector,
       secret: minted.secret,
     });
+    const admin = generateToken('abcdefghijklmnop', 'admin');
+    expect(admin.token).toHaveLength(MAX_TOKEN_LENGTH);
+    expect(parseAdminKey(admin.token, 'abcdefghijklmnop')).toEqual({ selector: admin.selector, secret: admin.secret });
+  });
+
+  it('tells admin keys and user tokens apart: each parser refuses the other kind', () => {
+    const admin = generateToken('kw', 'admin');
+    const user = generateToken('kw', 'live');
+    expect(admin.token).toMatch(/^kw_admin_[0-9A-Za-z]{12}_[0-9A-Za-z]{38}$/);
+    expect(parseToken(admin.token, 'kw')).toBeNull();
+    expect(parseAdminKey(user.token, 'kw')).toBeNull();
+    expect(parseAdminKey(admin.token, 'other')).toBeNull();
+    expect(parseAdminKey(admin.token.slice(0, -1) + (admin.token.endsWith('a') ? 'b' : 'a'), 'kw')).toBeNull();
   });
 
   it('reports the last 4 characters of the token as last4', () => {

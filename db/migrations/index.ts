@@ -4,6 +4,7 @@ import * as tokenLifecycle from './20261123-0002-token-lifecycle';
 import * as botsAndRateLimits from './20261123-0003-bots-and-rate-limits';
 import * as ssoSubject from './20261123-0004-sso-subject';
 import * as auditUsageCredits from './20261123-0005-audit-usage-credits';
+import * as adminKeys from './20261204-0006-admin-keys';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -15,6 +16,7 @@ const MIGRATIONS: Record<string, Migration> = {
   '20261123-0003-bots-and-rate-limits': botsAndRateLimits,
   '20261123-0004-sso-subject': ssoSubject,
   '20261123-0005-audit-usage-credits': auditUsageCredits,
+  '20261204-0006-admin-keys': adminKeys,
 };
 
 export const migrationProvider: MigrationProvider = {

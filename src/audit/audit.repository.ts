@@ -3,7 +3,7 @@ import { type Db, MAX_ID } from '../../db/database';
 import type { AuditEventRow } from '../../db/schema';
 
 export interface AuditFilter {
-  /** "admin", "key", "sso", "anonymous", "system" (every actor of that kind), "user:<id>" (by that user's keys or sign-in), or an exact actor id ("token:12", "admin:<fingerprint>", "sso:<subject>"). */
+  /** "admin", "admin_key", "key", "sso", "anonymous", "system" (every actor of that kind), "user:<id>" (by that user's keys or sign-in), or an exact actor id ("token:12", "admin:<fingerprint>", "admin_key:4", "sso:<subject>"). */
   actor?: string;
   /** An exact action, or a family ending in ".*" ("token.*"). */
   action?: string;
@@ -15,7 +15,7 @@ export interface AuditFilter {
   until?: string;
 }
 
-const ACTOR_TYPES = new Set(['admin', 'key', 'sso', 'anonymous', 'system']);
+const ACTOR_TYPES = new Set(['admin', 'admin_key', 'key', 'sso', 'anonymous', 'system']);
 
 /** Newest first: `beforeId` is the last id of the previous page (0 for the first page). */
 export async function listAuditEvents(db: Db, filter: AuditFilter, beforeId: number, limit: number): Promise<AuditEventRow[]> {

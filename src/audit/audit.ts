@@ -11,6 +11,7 @@ import { normalizeClientIp } from '../tokens/ip-allowlist';
  */
 export type Actor =
   | { type: 'admin'; fingerprint: string }
+  | { type: 'admin_key'; id: number; name: string }
   | { type: 'key'; userId: number; tokenId: number }
   | { type: 'sso'; userId: number; subject: string; email: string }
   | { type: 'anonymous' }
@@ -25,7 +26,7 @@ export interface AuditContext {
 
 export const SYSTEM: AuditContext = { actor: { type: 'system' }, ip: null, requestId: null };
 
-export type AuditTarget = { type: 'user' | 'token' | 'bot'; id: number; userId: number | null };
+export type AuditTarget = { type: 'user' | 'token' | 'bot' | 'admin_key'; id: number; userId: number | null };
 
 export interface AuditEvent {
   action: string;
@@ -46,6 +47,8 @@ export function actorId(actor: Actor): string {
   switch (actor.type) {
     case 'admin':
       return `admin:${actor.fingerprint}`;
+    case 'admin_key':
+      return `admin_key:${actor.id}`;
     case 'key':
       return `token:${actor.tokenId}`;
     case 'sso':
@@ -78,6 +81,7 @@ export async function recordAudit(trx: Db, ctx: AuditContext, at: string, event:
       actor_user_id: actor.type === 'key' || actor.type === 'sso' ? actor.userId : null,
       actor_token_id: actor.type === 'key' ? actor.tokenId : null,
       actor_email: actor.type === 'sso' ? actor.email : null,
+      actor_name: actor.type === 'admin_key' ? actor.name : null,
       action: event.action,
       target_type: event.target?.type ?? null,
       target_id: event.target === undefined ? null : String(event.target.id),
@@ -103,7 +107,7 @@ export interface AuditEventResponse {
   id: number;
   at: string;
   action: string;
-  actor: { type: string; id: string; user_id: number | null; token_id: number | null; email: string | null };
+  actor: { type: string; id: string; user_id: number | null; token_id: number | null; email: string | null; name: string | null };
   target: { type: string; id: string; user_id: number | null } | null;
   ip: string | null;
   request_id: string | null;
@@ -115,7 +119,7 @@ export function toAuditResponse(row: AuditEventRow): AuditEventResponse {
     id: row.id,
     at: row.at,
     action: row.action,
-    actor: { type: row.actor_type, id: row.actor_id, user_id: row.actor_user_id, token_id: row.actor_token_id, email: row.actor_email },
+    actor: { type: row.actor_type, id: row.actor_id, user_id: row.actor_user_id, token_id: row.actor_token_id, email: row.actor_email, name: row.actor_name },
     target: row.target_type === null ? null : { type: row.target_type, id: row.target_id ?? '', user_id: row.target_user_id },
     ip: row.ip,
     request_id: row.request_id,

@@ -1,23 +1,28 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { type Actor, adminFingerprint } from '../audit/audit';
+import { type AdminIdentity, type AdminKeyVerifier, rootIdentity } from '../admin-keys/admin-key-verifier';
 import { AppError } from '../http/errors';
 import type { Guard } from '../http/operations';
 import type { RateLimits } from '../rate-limit/rate-limits';
 import { clientIpOf, contextOf } from '../http/request-context';
+import { insufficientScope } from '../tokens/scopes';
+
+/** Outcomes that mean the caller does not hold a valid admin credential: they count against its address. */
+const WRONG_KEY = new Set(['INVALID_ADMIN_KEY', 'RATE_LIMITED']);
 
 /**
  * The one auth path for /admin. Every request from an address counts against the admin rate limit.
- * Both sides of the key comparison are hashed to 32 bytes first, so it takes the same time whatever
- * the length or content of what was sent. An address that sent too many wrong keys gets 429 for any
- * key but the right one.
+ * X-Admin-API-Key holds the root key (ADMIN_API_TOKEN, and ADMIN_API_TOKEN_NEXT while it is being
+ * changed), which may do everything, or a named admin key (`kw_admin_…`), which may do what its
+ * scopes allow. Then the operation's admin scope (openapi.yaml's x-admin-scope) is checked.
  *
- * `keyDigests` is ADMIN_API_TOKEN and, while the admin key is being changed, ADMIN_API_TOKEN_NEXT.
- * Every one is compared on every request, so the time taken does not tell which (if any) matched;
- * the audit log names the key that was used by its fingerprint.
+ * The root keys are compared on every request, both sides hashed to 32 bytes first, so the time
+ * taken says neither which one matched nor how much of one did. An address that sent too many wrong
+ * keys gets 429 for any key but a right one this process already knows.
  */
-export function requireAdmin(keyDigests: readonly Buffer[], limits: RateLimits): Guard {
-  const keys = keyDigests.map((digest) => ({ digest, actor: { type: 'admin', fingerprint: adminFingerprint(digest) } as Actor }));
-  return async (req, res) => {
+export function requireAdmin(rootDigests: readonly Buffer[], adminKeys: AdminKeyVerifier, limits: RateLimits): Guard {
+  const roots = rootDigests.map((digest) => ({ digest, actor: { type: 'admin', fingerprint: adminFingerprint(digest) } as Actor }));
+  return async (req, res, op) => {
     const ip = clientIpOf(res);
     await limits.adminRequest(ip, res);
     const sent = req.headers['x-admin-api-key'];
@@ -31,17 +36,32 @@ export function requireAdmin(keyDigests: readonly Buffer[], limits: RateLimits):
           : 'This API needs the admin key in the X-Admin-API-Key header.',
       );
     }
-    const sentDigest = createHash('sha256').update(sent).digest();
-    let matched: Actor | undefined;
-    for (const key of keys) {
-      if (timingSafeEqual(sentDigest, key.digest)) matched = key.actor;
+    const identity = await authenticate(sent, ip);
+    const context = contextOf(res);
+    context.actor = identity.actor;
+    context.admin = identity;
+    if (!(identity.scopes as readonly string[]).includes(op.requiredScope!)) {
+      throw insufficientScope([op.requiredScope!], `This admin key lacks the scope ${op.requiredScope}.`);
     }
-    if (!matched) {
+  };
+
+  async function authenticate(sent: string, ip: string): Promise<AdminIdentity> {
+    const sentDigest = createHash('sha256').update(sent).digest();
+    let root: Actor | undefined;
+    for (const key of roots) {
+      if (timingSafeEqual(sentDigest, key.digest)) root = key.actor;
+    }
+    if (root) return rootIdentity(root);
+    const key = adminKeys.present(sent);
+    if (!adminKeys.knows(key)) {
       const blocked = await limits.blocked(ip);
       if (blocked) throw blocked;
-      await limits.authFailed(ip);
-      throw new AppError(401, 'INVALID_ADMIN_KEY', 'The admin key is not valid.');
     }
-    contextOf(res).actor = matched;
-  };
+    try {
+      return await adminKeys.verify(key, ip);
+    } catch (err) {
+      if (err instanceof AppError && WRONG_KEY.has(err.code)) await limits.authFailed(ip);
+      throw err;
+    }
+  }
 }

@@ -9,7 +9,7 @@ import { AppError, unavailable } from './errors';
 // An incoming X-Request-Id is kept only if it is short and plain, so it cannot smuggle text into logs.
 const SAFE_REQUEST_ID = /^[A-Za-z0-9._:-]{1,64}$/;
 // …and only if it is not a credential sent in the wrong header: an id is logged, echoed and audited.
-const TOKEN_SHAPE = /_(?:live|test)_[A-Za-z0-9]{12}_[A-Za-z0-9]{6}/;
+const TOKEN_SHAPE = /_(?:live|test|admin)_[A-Za-z0-9]{12}_[A-Za-z0-9]{6}/;
 
 // Runs of 20+ letters and digits in an unmatched path are masked: a token pasted into a URL must not
 // reach the log through a 404.

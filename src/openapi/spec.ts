@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parse } from 'yaml';
+import { isAdminScope } from '../admin-keys/admin-scopes';
 import { findProjectPath } from '../project-files';
 
 /**
@@ -26,8 +27,9 @@ export interface OperationSpec {
   expressPath: string;
   auth: AuthKind;
   /**
-   * For user operations: the scope a key needs (`x-required-scope`), or null where the operation
-   * declares `none`. Every user operation must declare one: deny by default.
+   * The scope the caller's credential needs. User operations: `x-required-scope`, a user scope, or
+   * null where the operation declares `none`. Admin operations: `x-admin-scope`, an admin scope
+   * (src/admin-keys/admin-scopes.ts), never none. Every such operation must declare one: deny by default.
    */
   requiredScope: string | null;
   parameters: ParameterSpec[];
@@ -95,15 +97,22 @@ function authOf(operationId: string, security: Array<Record<string, string[]>>):
   return kinds.values().next().value ?? 'none';
 }
 
-function requiredScopeOf(operationId: string, auth: AuthKind, declared: unknown): string | null {
-  if (auth !== 'user') {
-    if (declared !== undefined) throw new Error(`openapi: ${operationId} is not a user operation but declares x-required-scope`);
-    return null;
+function requiredScopeOf(operationId: string, auth: AuthKind, raw: Record<string, unknown>): string | null {
+  const userScope = raw['x-required-scope'];
+  const adminScope = raw['x-admin-scope'];
+  if (auth !== 'user' && userScope !== undefined) throw new Error(`openapi: ${operationId} is not a user operation but declares x-required-scope`);
+  if (auth !== 'admin' && adminScope !== undefined) throw new Error(`openapi: ${operationId} is not an admin operation but declares x-admin-scope`);
+  if (auth === 'admin') {
+    if (typeof adminScope !== 'string' || !isAdminScope(adminScope)) {
+      throw new Error(`openapi: admin operation ${operationId} declares no x-admin-scope of src/admin-keys/admin-scopes.ts (got ${JSON.stringify(adminScope)})`);
+    }
+    return adminScope;
   }
-  if (typeof declared !== 'string' || declared === '') {
+  if (auth !== 'user') return null;
+  if (typeof userScope !== 'string' || userScope === '') {
     throw new Error(`openapi: user operation ${operationId} declares no x-required-scope (a scope, or "none")`);
   }
-  return declared === 'none' ? null : declared;
+  return userScope === 'none' ? null : userScope;
 }
 
 export function listOperations(doc: OpenApiDocument): OperationSpec[] {
@@ -145,7 +154,7 @@ export function listOperations(doc: OpenApiDocument): OperationSpec[] {
         path,
         expressPath: path.replace(/\{([^}]+)\}/g, ':$1'),
         auth,
-        requiredScope: requiredScopeOf(operationId, auth, raw['x-required-scope']),
+        requiredScope: requiredScopeOf(operationId, auth, raw),
         parameters,
         requestBody: jsonSchema ? { required: body?.required === true, schema: jsonSchema } : undefined,
       });

@@ -2,7 +2,6 @@ import type { Db } from '../../db/database';
 import type { Clock } from '../clock';
 import type { Logger } from '../logger';
 import { PeriodicFlush } from '../periodic-flush';
-import { writeLastUse } from './tokens.repository';
 
 export interface LastUse {
   at: string;
@@ -23,7 +22,8 @@ export class LastUseRecorder {
   private writing = new Map<number, { ms: number; ip: string }>();
   private readonly flusher = new PeriodicFlush(() => this.flushOnce());
 
-  constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger }) {}
+  /** `write` stores a batch: the tokens' or the admin keys' table. */
+  constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger; write: (db: Db, uses: Array<{ id: number; at: string; ip: string }>) => Promise<void> }) {}
 
   record(tokenId: number, ip: string): void {
     this.uses.set(tokenId, { ms: this.deps.clock.now().getTime(), ip });
@@ -54,7 +54,7 @@ export class LastUseRecorder {
     this.writing = batch;
     this.uses = new Map();
     try {
-      await writeLastUse(
+      await this.deps.write(
         this.deps.db,
         [...batch].map(([id, use]) => ({ id, at: new Date(use.ms).toISOString(), ip: use.ip })),
       );
