@@ -1,3 +1,5 @@
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import request from 'supertest';
 import { ADMIN_SCOPES } from '../src/admin-keys/admin-scopes';
 import { listOperations, loadSpec, type OperationSpec } from '../src/openapi/spec';
@@ -242,6 +244,13 @@ describe('every /admin operation needs its admin scope', () => {
   test('the document names a known admin scope for each of them', () => {
     expect(adminOperations.length).toBeGreaterThanOrEqual(25);
     for (const op of adminOperations) expect(ADMIN_SCOPES).toContain(op.requiredScope);
+  });
+
+  test("the README's admin table names the same scope for every operation, and has every operation", () => {
+    const readme = readFileSync(join(__dirname, '..', 'README.md'), 'utf8');
+    const section = readme.slice(readme.indexOf('### Admin API'), readme.indexOf('### Admin keys'));
+    const rows = [...section.matchAll(/^\| `(GET|POST|PATCH|DELETE) ([^`?]+)[^`]*` \| `([a-z:-]+)` \|/gm)].map((m) => `${m[1]} ${m[2]} ${m[3]}`);
+    expect(rows.sort()).toEqual(adminOperations.map((op) => `${op.method.toUpperCase()} ${op.path} ${op.requiredScope}`).sort());
   });
 
   test.each(adminOperations.map((op) => [op.operationId, op] as const))('%s: refused without its scope, let through with it alone', async (_id, op) => {

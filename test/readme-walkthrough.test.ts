@@ -221,6 +221,35 @@ describe('README', () => {
     expect(server.logs).not.toMatch(FULL_TOKEN);
   });
 
+  test('the admin keys example runs as written after the walkthrough', async () => {
+    assertBuilt();
+    const dir = makeTempDir('readme-admin-keys');
+    const adminKey = randomBytes(32).toString('hex');
+    writeFileSync(join(dir, '.env'), `ADMIN_API_TOKEN=${adminKey}\n`, { mode: 0o600 });
+    const server = await startServer({
+      env: { ADMIN_API_TOKEN: adminKey, DATABASE_PATH: join(dir, 'data', 'keyward.db'), BCRYPT_ROUNDS: '4', PORT: '0', HOST: '127.0.0.1' },
+      cwd: dir,
+    });
+    const script = [markedBlock('walkthrough'), `echo '${BETWEEN}'`, markedBlock('admin-keys')].join('\n').split('localhost:8056').join(`127.0.0.1:${server.port}`);
+    const run = await runBash(script, { cwd: dir, flags: ['-euo', 'pipefail'] });
+    expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: '' });
+    const out = splitOutput(run.stdout.split(BETWEEN)[1]!);
+    expect(out.map((p) => p.json === undefined ? p.raw : 'json')).toEqual(['json', 'json', 'json', '204']);
+    const [created, refused, listed] = out.map((p) => p.json);
+    expect(created).toMatchObject({ id: 2, email: 'grace@example.com' });
+    expect(refused.error).toMatchObject({ code: 'INSUFFICIENT_SCOPE', details: { required: ['audit:read'] } });
+    expect(listed.data).toEqual([
+      expect.objectContaining({ id: 1, name: 'provisioning', scopes: ['tokens:write', 'users:write'], status: 'active', masked: expect.stringMatching(/^kw_admin_[A-Za-z0-9]{12}_…[A-Za-z0-9]{4}$/) }),
+    ]);
+    // The key's user.created names it; the key itself reached neither a response but the first nor the log.
+    const audit = await fetch(`${server.baseUrl}/admin/audit?actor=admin_key:1`, { headers: { 'X-Admin-API-Key': adminKey } });
+    expect(((await audit.json()) as { data: unknown[] }).data).toEqual([expect.objectContaining({ action: 'user.created', actor: expect.objectContaining({ name: 'provisioning' }) })]);
+    expect(run.stdout).not.toMatch(/kw_admin_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}/);
+    expect(server.logs).not.toMatch(/kw_admin_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}/);
+    const revoked = await fetch(`${server.baseUrl}/admin/admin-keys/1`, { headers: { 'X-Admin-API-Key': adminKey } });
+    expect(((await revoked.json()) as { status: string }).status).toBe('revoked');
+  });
+
   test('the quick start\'s test commands are `npm test` and `npm run test:system`, and both run jest', () => {
     const start = README.indexOf('## Quick start');
     expect(start).toBeGreaterThanOrEqual(0);
