@@ -31,7 +31,7 @@ import type { RequestObserver } from './http/request-context';
 import { Metrics, metricsHandlers, requireMetrics } from './metrics/metrics';
 import { UsageRecorder, UsageService } from './usage/usage';
 import { usageHandlers } from './usage/usage.routes';
-import { requireSso } from './sso/sso-auth';
+import { requireSso, ssoAdmins } from './sso/sso-auth';
 import { ssoPageRouter } from './sso/sso-page';
 import { ssoHandlers } from './sso/sso.routes';
 import { SsoService } from './sso/sso.service';
@@ -169,7 +169,7 @@ export function createApp(deps: AppDeps): KeywardApp {
       ...adminKeysHandlers(adminKeys),
     },
     {
-      admin: requireAdmin(rootKeys, adminKeyVerifier, limits),
+      admin: requireAdmin(rootKeys, adminKeyVerifier, limits, ssoAdmins(config)),
       user: requireUser(verifier, limits),
       sso: requireSso(config, sso, limits),
       metrics: requireMetrics(config),

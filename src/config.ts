@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
+import { ADMIN_SCOPES, type AdminScope, isAdminScope } from './admin-keys/admin-scopes';
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 export type TrustProxy = false | number | string[];
@@ -53,6 +54,10 @@ export interface Config {
   readonly ssoAllowedGroups: readonly string[];
   /** Scopes signed-in people may give their own keys. */
   readonly ssoUserScopes: readonly string[];
+  /** Groups whose signed-in members may use /admin without an admin key; empty: none may. */
+  readonly ssoAdminGroups: readonly string[];
+  /** The admin scopes such a person holds. */
+  readonly ssoAdminScopes: readonly AdminScope[];
   readonly ssoDefaultMaxConcurrentBots: number;
   /** How long audit entries are kept, in seconds; 0: forever. */
   readonly auditRetentionSeconds: number;
@@ -219,6 +224,15 @@ function metricsAddresses(raw: string, name: string): Parsed<readonly string[] |
   return ok(Object.freeze(entries));
 }
 
+function adminScopeList(raw: string, name: string): Parsed<readonly AdminScope[]> {
+  if (raw.trim().toLowerCase() === 'all') return ok(ADMIN_SCOPES);
+  const entries = [...new Set(list(raw))];
+  const unknown = entries.filter((e) => !isAdminScope(e));
+  if (unknown.length > 0) return bad(`${name} names unknown admin scopes: ${unknown.join(', ')}; valid: ${ADMIN_SCOPES.join(', ')}, or all`);
+  if (entries.length === 0) return bad(`${name} must name at least one admin scope, or be all`);
+  return ok(Object.freeze(entries.sort() as AdminScope[]));
+}
+
 function onOff(raw: string, name: string): Parsed<boolean> {
   const value = raw.trim().toLowerCase();
   if (['on', 'true', '1', 'yes'].includes(value)) return ok(true);
@@ -301,6 +315,10 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'If set, only people in at least one of these groups (the proxy\'s groups header) may use SSO.' },
   { name: 'SSO_USER_SCOPES', key: 'ssoUserScopes', default: 'bots:read bots:write', parse: scopeList,
     doc: 'Scopes signed-in people may give the keys they make for themselves.' },
+  { name: 'SSO_ADMIN_GROUPS', key: 'ssoAdminGroups', default: '', parse: (raw) => ok(Object.freeze(list(raw))),
+    doc: 'Groups (from the proxy\'s groups header) whose members may use /admin without an admin key; needs SSO_TRUSTED_PROXIES. Empty: nobody.' },
+  { name: 'SSO_ADMIN_SCOPES', key: 'ssoAdminScopes', default: 'all', parse: adminScopeList,
+    doc: 'Admin scopes those people hold (comma- or space-separated), or all.' },
   { name: 'SSO_DEFAULT_MAX_CONCURRENT_BOTS', key: 'ssoDefaultMaxConcurrentBots', default: '3', parse: integer(0, 100_000),
     doc: 'max_concurrent_bots of users created by SSO_AUTO_PROVISION.' },
   { name: 'AUDIT_RETENTION', key: 'auditRetentionSeconds', default: '365d', parse: duration(0, 315_360_000),
@@ -373,6 +391,10 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   const next = values.adminKeyNextDigest as Buffer | null | undefined;
   if (next && values.adminKeyDigest && next.equals(values.adminKeyDigest as Buffer)) {
     problems.push('ADMIN_API_TOKEN_NEXT is the same as ADMIN_API_TOKEN; set it to the new key (`openssl rand -hex 32`) or leave it empty');
+  }
+  // Identity headers are believed only from the proxy: without one, nobody could be an SSO admin.
+  if (((values.ssoAdminGroups as string[] | undefined) ?? []).length > 0 && ((values.ssoTrustedProxies as string[] | undefined) ?? []).length === 0) {
+    problems.push('SSO_ADMIN_GROUPS needs SSO_TRUSTED_PROXIES: identity headers are believed only from the sign-in proxy');
   }
   if ((values.headersTimeoutMs as number) > (values.requestTimeoutMs as number)) {
     problems.push('HTTP_HEADERS_TIMEOUT_SECONDS must not be longer than HTTP_REQUEST_TIMEOUT_SECONDS: the headers are part of the request');

@@ -13,7 +13,8 @@ export type Actor =
   | { type: 'admin'; fingerprint: string }
   | { type: 'admin_key'; id: number; name: string }
   | { type: 'key'; userId: number; tokenId: number }
-  | { type: 'sso'; userId: number; subject: string; email: string }
+  /** A signed-in person: on /sso as their keyward user, on /admin as an SSO admin (no user). */
+  | { type: 'sso'; userId: number | null; subject: string; email: string }
   | { type: 'anonymous' }
   | { type: 'system' };
 

@@ -9,6 +9,7 @@ import { isEmail } from '../http/validation';
 import type { RateLimits } from '../rate-limit/rate-limits';
 import { compiledAllowlist, normalizeClientIp } from '../tokens/ip-allowlist';
 import type { SsoService, SsoIdentity, SsoUser } from './sso.service';
+import type { AdminIdentity } from '../admin-keys/admin-key-verifier';
 
 export interface SsoContext {
   user: SsoUser;
@@ -56,15 +57,16 @@ function checkSameOrigin(req: IncomingMessage): void {
 }
 
 /**
- * The one auth path for /sso. Identity headers are believed only from the proxy: by the connection's
- * own address (never X-Forwarded-For, which anyone can write) and, when SSO_SHARED_SECRET is set, with
- * that secret. From anyone else the headers are ignored and the answer is 401, exactly as if the
- * person had not signed in.
+ * The person the sign-in proxy vouches for on this request. Identity headers are believed only from
+ * the proxy: by the connection's own address (never X-Forwarded-For, which anyone can write) and,
+ * when SSO_SHARED_SECRET is set, with that secret. From anyone else the answer is 401, exactly as if
+ * the person had not signed in. A change must also pass the same-origin check. /sso and the SSO
+ * admins of /admin both read people this way.
  */
-export function requireSso(config: Config, sso: SsoService, limits: RateLimits): Guard {
+export function proxiedIdentity(config: Config): (req: IncomingMessage) => SsoIdentity {
   const proxies = config.ssoTrustedProxies.length > 0 ? compiledAllowlist(JSON.stringify(config.ssoTrustedProxies)) : undefined;
   const prefix = config.ssoHeaderPrefix;
-  return async (req: IncomingMessage, res: ServerResponse) => {
+  return (req) => {
     if (!proxies) throw signIn('Single sign-on is not enabled on this server (SSO_TRUSTED_PROXIES is empty).');
     const peer = normalizeClientIp(req.socket.remoteAddress ?? '');
     if (!proxies.allows(peer)) throw signIn('Sign in through your organisation\'s sign-in proxy.');
@@ -93,6 +95,15 @@ export function requireSso(config: Config, sso: SsoService, limits: RateLimits):
     if (identity.subject.length > 256 || (identity.username?.length ?? 0) > 200 || identity.groups.length > 100 || identity.groups.some((g) => g.length > 256)) {
       throw signIn('The sign-in proxy sent an identity longer than keyward accepts (subject 256, username 200, 100 groups of 256 characters); ask the admin to check its configuration.');
     }
+    return identity;
+  };
+}
+
+/** The one auth path for /sso: the proxied person, mapped onto their keyward user. */
+export function requireSso(config: Config, sso: SsoService, limits: RateLimits): Guard {
+  const identify = proxiedIdentity(config);
+  return async (req: IncomingMessage, res: ServerResponse) => {
+    const identity = identify(req);
     const { ip, requestId } = auditContextOf(res);
     const user = await sso.userFor(identity, { ip, requestId });
     const context: SsoContext = { user, identity };
@@ -102,6 +113,39 @@ export function requireSso(config: Config, sso: SsoService, limits: RateLimits):
     // Logs name the user like any other authenticated request.
     request.userId = user.id;
     await limits.userRequest(user.id, user.rate_limit_per_minute, res);
+  };
+}
+
+/** Signed-in people acting on /admin: see ssoAdmins. */
+export interface SsoAdmins {
+  /** Whether the connection comes from the sign-in proxy, whose requests without an admin key are people's. */
+  comesFromProxy(req: IncomingMessage): boolean;
+  /** The person as an admin, or 401/403 (not signed in, not in an admin group, a change from another site). */
+  identify(req: IncomingMessage): AdminIdentity;
+}
+
+/**
+ * People whose proxied groups include one of SSO_ADMIN_GROUPS use /admin with no admin key, holding
+ * SSO_ADMIN_SCOPES, under their own name. Undefined when SSO admins are not configured: it takes both
+ * SSO_TRUSTED_PROXIES and SSO_ADMIN_GROUPS.
+ */
+export function ssoAdmins(config: Config): SsoAdmins | undefined {
+  if (config.ssoAdminGroups.length === 0 || config.ssoTrustedProxies.length === 0) return undefined;
+  const proxies = compiledAllowlist(JSON.stringify(config.ssoTrustedProxies));
+  const identify = proxiedIdentity(config);
+  return {
+    comesFromProxy: (req) => proxies.allows(normalizeClientIp(req.socket.remoteAddress ?? '')),
+    identify: (req) => {
+      // Nobody signed in: most likely a script that forgot its key.
+      if (header(req, `${config.ssoHeaderPrefix}Email`) === undefined) {
+        throw signIn('This API needs the admin key in the X-Admin-API-Key header, or a person signed in through the sign-in proxy.');
+      }
+      const identity = identify(req);
+      if (!identity.groups.some((group) => config.ssoAdminGroups.includes(group))) {
+        throw new AppError(403, 'SSO_ACCESS_DENIED', 'You are signed in, but not in a group that may use the admin API (SSO_ADMIN_GROUPS).');
+      }
+      return { actor: { type: 'sso', userId: null, subject: identity.subject, email: identity.email }, scopes: config.ssoAdminScopes, expiresAt: null };
+    },
   };
 }
 
