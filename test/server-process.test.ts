@@ -390,3 +390,28 @@ describe('secrets from files', () => {
     expect(result.stderr).not.toContain(adminKey);
   });
 });
+
+describe('least-privilege admin access on the real server', () => {
+  test('a named admin key and an SSO admin each do what they may, and the audit log names them', async () => {
+    const dir = makeTempDir('admin-access');
+    const rootKey = newAdminKey();
+    const server = await startServer({ env: { ...baseEnv(dir, rootKey), SSO_TRUSTED_PROXIES: '127.0.0.1, ::1', SSO_ADMIN_GROUPS: 'platform', SSO_ADMIN_SCOPES: 'users:read, audit:read' }, cwd: dir });
+    const minted = await postJson(`${server.baseUrl}/admin/admin-keys`, { 'X-Admin-API-Key': rootKey }, { name: 'provisioning', scopes: ['users:write'] });
+    expect(minted.status).toBe(201);
+    const key = minted.body.key as string;
+    expect((await postJson(`${server.baseUrl}/admin/users`, { 'X-Admin-API-Key': key }, { email: 'made-by-key@example.com' })).status).toBe(201);
+    expect((await getJson(`${server.baseUrl}/admin/users`, { 'X-Admin-API-Key': key })).status).toBe(403);
+
+    const ada = { 'X-Forwarded-Email': 'ada@example.com', 'X-Forwarded-User': 'ada', 'X-Forwarded-Groups': 'platform' };
+    const users = await getJson(`${server.baseUrl}/admin/users`, ada);
+    expect(users.status).toBe(200);
+    expect(users.body.data.map((u: { email: string }) => u.email)).toEqual(['made-by-key@example.com']);
+    expect((await postJson(`${server.baseUrl}/admin/users`, { ...ada, 'X-Keyward-CSRF': '1' }, { email: 'x@example.com' })).status).toBe(403);
+    expect((await getJson(`${server.baseUrl}/admin/users`, { ...ada, 'X-Forwarded-Groups': 'staff' })).status).toBe(403);
+
+    const audit = await getJson(`${server.baseUrl}/admin/audit?action=user.created`, ada);
+    expect(audit.body.data.map((e: { actor: { id: string; name: string | null } }) => e.actor)).toEqual([expect.objectContaining({ id: 'admin_key:1', name: 'provisioning' })]);
+    expect(server.logs).not.toContain(key);
+    expect(server.logs).not.toContain(rootKey);
+  });
+});
