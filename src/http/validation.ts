@@ -28,6 +28,16 @@ function makeAjv(forStrings: boolean): Ajv2020 {
   return ajv;
 }
 
+/**
+ * A body's date-time as milliseconds. The schema accepts what RFC 3339 allows, but Date cannot hold
+ * every such time (a leap second, 23:59:60): that is a 400 for the field, not a 500.
+ */
+export function parseBodyTime(field: string, value: string): number {
+  const ms = Date.parse(value);
+  if (Number.isNaN(ms)) throw validationError([{ field, in: 'body', message: 'is not a time keyward can represent (leap seconds are not supported)' }]);
+  return ms;
+}
+
 /** The email rule the API's `format: email` (and `maxLength: 254`) applies, for emails that arrive outside a body. */
 export function isEmail(text: string): boolean {
   return text.length <= 254 && (fullFormats.email as RegExp).test(text);
@@ -131,6 +141,16 @@ export function buildValidator(op: OperationSpec): OperationValidator {
     }
     if (!op.requestBody && raw.hasBody) {
       problems.push({ field: 'body', in: 'body', message: 'this operation takes no request body' });
+    }
+    // Ajv coerces "Infinity" (and "1e400") to an integer, then skips minimum and maximum for a number
+    // that is not finite: no id, limit or count keyward takes is infinite, and the database would
+    // fail on one.
+    for (const [where, values] of [['path', input.params], ['query', input.query]] as const) {
+      for (const [field, value] of Object.entries(values)) {
+        if ((Array.isArray(value) ? value : [value]).some((v) => typeof v === 'number' && !Number.isFinite(v))) {
+          problems.push({ field, in: where, message: 'must be a finite number' });
+        }
+      }
     }
     // PostgreSQL cannot store NUL in text (it would be a 500), and SQLite would keep it silently: no
     // value keyward stores or looks up has a use for one, so it is refused on both.
