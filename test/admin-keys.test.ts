@@ -122,6 +122,7 @@ describe('minting, listing and revoking admin keys', () => {
       { name: 'line\nbreak', scopes: ['users:read'] },
       { name: 'x', scopes: ['users:read'], expires_in: 60, expires_at: '2027-01-01T00:00:00Z' },
       { name: 'x', scopes: ['users:read'], expires_at: '2025-01-01T00:00:00Z' },
+      { name: 'x', scopes: ['users:read'], expires_at: '2027-06-30T23:59:60Z' },
       { name: 'x', scopes: ['users:read'], allowed_ips: ['not-an-address'] },
     ]) {
       expectError(await bad(body), 400, 'VALIDATION_ERROR');

@@ -3,6 +3,7 @@ import { type Db, isUniqueViolation, writeTransaction } from '../../db/database'
 import type { Clock } from '../clock';
 import { conflict, type FieldProblem, notFound, validationError } from '../http/errors';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
+import { parseBodyTime } from '../http/validation';
 import { parseAllowlist } from '../tokens/ip-allowlist';
 import type { LastUseRecorder } from '../tokens/last-use';
 import { insufficientScope, parseScopes, serializeScopes } from '../tokens/scopes';
@@ -171,13 +172,6 @@ export class AdminKeysService {
   }
 }
 
-/** A date-time the schema accepted but Date cannot hold (a leap second) is a 400, not a 500. */
-function parseTime(field: string, value: string): number {
-  const ms = Date.parse(value);
-  if (Number.isNaN(ms)) throw validationError([problem(field, 'is not a time keyward can represent (leap seconds are not supported)')]);
-  return ms;
-}
-
 /** Never later than the issuer's own end; without a requested one, the issuer's end if it has one. */
 function resolveExpiry(input: CreateAdminKeyInput, now: Date, issuer: AdminIdentity): string | null {
   if (input.expires_in !== undefined && input.expires_at !== undefined) throw validationError([problem('expires_at', 'give expires_in or expires_at, not both')]);
@@ -185,7 +179,7 @@ function resolveExpiry(input: CreateAdminKeyInput, now: Date, issuer: AdminIdent
   let requested: number | null = null;
   if (input.expires_in !== undefined) requested = now.getTime() + input.expires_in * 1000;
   if (input.expires_at !== undefined) {
-    requested = parseTime('expires_at', input.expires_at);
+    requested = parseBodyTime('expires_at', input.expires_at);
     if (requested <= now.getTime()) throw validationError([problem('expires_at', 'must be in the future')]);
   }
   const ceiling = issuer.expiresAt === null ? null : Date.parse(issuer.expiresAt);

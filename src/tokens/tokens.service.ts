@@ -4,6 +4,7 @@ import { type AuditContext, changes, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
 import { AppError, conflict, type FieldProblem, notFound, validationError } from '../http/errors';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
+import { parseBodyTime } from '../http/validation';
 import type { UsersService } from '../users/users.service';
 import { compiledAllowlist, parseAllowlist } from './ip-allowlist';
 import type { LastUseRecorder } from './last-use';
@@ -91,13 +92,6 @@ function auditedFields(row: TokenMetadataRow): Record<string, unknown> {
 const mintedFacts = (row: TokenMetadataRow) => ({ ...auditedFields(row), environment: row.environment, rotated_from: row.rotated_from });
 
 const problem = (field: string, message: string): FieldProblem => ({ field, in: 'body', message });
-
-/** A date-time the schema accepted but Date cannot hold (a leap second, 23:59:60) is a 400, not a 500. */
-function parseTime(field: string, value: string): number {
-  const ms = Date.parse(value);
-  if (Number.isNaN(ms)) throw validationError([problem(field, 'is not a time keyward can represent (leap seconds are not supported)')]);
-  return ms;
-}
 
 export class TokensService {
   constructor(
@@ -226,7 +220,7 @@ export class TokensService {
     if (
       row.rotated_to !== null &&
       input.expires_at !== undefined &&
-      (input.expires_at === null || parseTime('expires_at', input.expires_at) > Date.parse(row.expires_at!))
+      (input.expires_at === null || parseBodyTime('expires_at', input.expires_at) > Date.parse(row.expires_at!))
     ) {
       throw conflict(`This token was rotated to token ${row.rotated_to}; its grace period cannot be extended.`, { rotated_to: row.rotated_to });
     }
@@ -245,7 +239,7 @@ export class TokensService {
         if (cap !== null) problems.push(problem('expires_at', `cannot be removed: MAX_TOKEN_LIFETIME caps tokens at ${maxLifetimeSeconds} seconds`));
         patch.expires_at = null;
       } else {
-        const at = parseTime('expires_at', input.expires_at);
+        const at = parseBodyTime('expires_at', input.expires_at);
         if (at <= Date.parse(nowIso)) problems.push(problem('expires_at', 'must be in the future'));
         else if (cap !== null && at > cap) {
           problems.push(problem('expires_at', `must be at most ${new Date(cap).toISOString()} (MAX_TOKEN_LIFETIME after the token was created)`));
@@ -331,7 +325,7 @@ export class TokensService {
     let requested: number | null = null;
     if (input.expires_in !== undefined) requested = now.getTime() + input.expires_in * 1000;
     if (input.expires_at !== undefined) {
-      requested = parseTime('expires_at', input.expires_at);
+      requested = parseBodyTime('expires_at', input.expires_at);
       if (requested <= now.getTime()) throw validationError([problem('expires_at', 'must be in the future')]);
     }
     const cap = maxLifetimeSeconds === null ? null : now.getTime() + maxLifetimeSeconds * 1000;
