@@ -29,6 +29,12 @@ let foreignBase: string;
 let browser: Browser;
 let context: BrowserContext;
 let page: Page;
+/**
+ * The row of the key with exactly this name. Matching the row's text instead would also match a key
+ * whose random masked selector happens to contain the name ("ci" in "kw_live_Cica…").
+ */
+const keyRow = (page: Page, name: string) => page.locator('#keys-body tr').filter({ has: page.locator('.c-name', { hasText: new RegExp(`^${name}$`) }) });
+
 const problems: string[] = [];
 
 /**
@@ -180,7 +186,7 @@ describe('the /sso/ page in a real browser behind an oauth2-proxy-like nginx', (
     expect(await page.evaluate(() => (globalThis as unknown as InPage).navigator.clipboard.readText() as Promise<string>)).toBe(secret);
 
     // The list already has it, masked.
-    const row = page.locator('#keys-body tr', { hasText: 'laptop' });
+    const row = keyRow(page, 'laptop');
     await row.waitFor();
     expect(await row.innerText()).toContain('bots:read');
   });
@@ -202,9 +208,9 @@ describe('the /sso/ page in a real browser behind an oauth2-proxy-like nginx', (
     expect(ci.status).toBe(201);
 
     await page.reload();
-    const row = page.locator('#keys-body tr', { hasText: 'laptop' });
+    const row = keyRow(page, 'laptop');
     await row.waitFor();
-    await page.locator('#keys-body tr', { hasText: 'ci' }).waitFor();
+    await keyRow(page, 'ci').waitFor();
     expect(await page.locator('#secret-panel').isHidden()).toBe(true);
     const masked = (await row.locator('.c-masked').innerText()).trim();
     expect(masked).toMatch(/^kw_live_\w+_…\w{4}$/);
@@ -225,7 +231,7 @@ describe('the /sso/ page in a real browser behind an oauth2-proxy-like nginx', (
   });
 
   test('rotating a key asks first, then shows the new key once', async () => {
-    const row = page.locator('#keys-body tr', { hasText: 'ci' }).filter({ hasNotText: 'laptop' });
+    const row = keyRow(page, 'ci');
     await row.getByRole('button', { name: 'Rotate ci' }).click();
     const dialog = page.locator('#confirm-dialog');
     await dialog.waitFor({ state: 'visible' });
@@ -246,7 +252,7 @@ describe('the /sso/ page in a real browser behind an oauth2-proxy-like nginx', (
   });
 
   test('revoking "laptop" through the page (after confirming) makes the key 401 API_KEY_REVOKED', async () => {
-    const row = page.locator('#keys-body tr', { hasText: 'laptop' });
+    const row = keyRow(page, 'laptop');
     const [req] = await Promise.all([
       page.waitForRequest((r) => r.method() === 'DELETE'),
       (async () => {
@@ -255,7 +261,7 @@ describe('the /sso/ page in a real browser behind an oauth2-proxy-like nginx', (
       })(),
     ]);
     expect(req.headers()['x-keyward-csrf']).toBe('1');
-    await page.locator('#keys-body tr', { hasText: 'laptop' }).locator('.badge', { hasText: 'revoked' }).waitFor();
+    await keyRow(page, 'laptop').locator('.badge', { hasText: 'revoked' }).waitFor();
     expect(await page.locator('#status').innerText()).toMatch(/revoked/);
     expect(await page.locator('#alert').isHidden()).toBe(true);
 
