@@ -2,11 +2,9 @@ import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http
 import express from 'express';
 import type { Db } from '../db/database';
 import { AdminKeyVerifier } from './admin-keys/admin-key-verifier';
-import { writeAdminKeyLastUse } from './admin-keys/admin-keys.repository';
 import { adminKeysHandlers } from './admin-keys/admin-keys.routes';
 import { AdminKeysService } from './admin-keys/admin-keys.service';
 import { requireAdmin } from './auth/admin-auth';
-import { writeLastUse } from './tokens/tokens.repository';
 import { TokenVerifier } from './auth/token-verifier';
 import { requireUser } from './auth/user-auth';
 import { type Clock, systemClock } from './clock';
@@ -82,8 +80,8 @@ export function createApp(deps: AppDeps): KeywardApp {
   const lifecycle = deps.lifecycle ?? { draining: false };
 
   const catalog = scopeCatalog(config.extraScopes);
-  const lastUse = new LastUseRecorder({ db, clock, logger, write: writeLastUse });
-  const adminLastUse = new LastUseRecorder({ db, clock, logger, write: writeAdminKeyLastUse });
+  const lastUse = new LastUseRecorder({ db, clock, logger, table: 'tokens' });
+  const adminLastUse = new LastUseRecorder({ db, clock, logger, table: 'admin_keys' });
   const usageRecorder = new UsageRecorder({ db, clock, logger });
   const usage = new UsageService({ db, clock, recorder: usageRecorder });
   const audit = new AuditLog({ db, clock, logger, retentionSeconds: config.auditRetentionSeconds });

@@ -7,7 +7,6 @@ import type { Db } from '../db/database';
 import { createLogger } from '../src/logger';
 import { LAST_USE_FLUSH_MS, LastUseRecorder } from '../src/tokens/last-use';
 import { checksum, randomBase62 } from '../src/tokens/token-format';
-import { writeLastUse } from '../src/tokens/tokens.repository';
 import { admin, createTestApp, createUser, expectError, FakeClock, mintToken, type TestContext } from './helpers/app';
 import { assertBuilt, makeTempDir, removeTempDirs, startServer, stopAllServers } from './helpers/server-process';
 
@@ -200,8 +199,8 @@ describe('a flush never moves last_used_at backwards', () => {
     const minted = await mintToken(ctx, user.id);
     const early = new FakeClock(Date.parse('2026-01-01T00:00:05.000Z'));
     const late = new FakeClock(Date.parse('2026-01-01T00:00:09.000Z'));
-    const a = new LastUseRecorder({ db: ctx.storage.db, clock: late, logger: silentLogger(), write: writeLastUse });
-    const b = new LastUseRecorder({ db: ctx.storage.db, clock: early, logger: silentLogger(), write: writeLastUse });
+    const a = new LastUseRecorder({ db: ctx.storage.db, clock: late, logger: silentLogger(), table: 'tokens' });
+    const b = new LastUseRecorder({ db: ctx.storage.db, clock: early, logger: silentLogger(), table: 'tokens' });
     a.record(minted.id, '10.0.0.9');
     b.record(minted.id, '10.0.0.5');
 
@@ -210,7 +209,7 @@ describe('a flush never moves last_used_at backwards', () => {
     expect(await lastUseRow(minted.id)).toEqual({ last_used_at: '2026-01-01T00:00:09.000Z', last_used_ip: '10.0.0.9' });
 
     // The same instant is not newer either: the first writer's address stays.
-    const same = new LastUseRecorder({ db: ctx.storage.db, clock: late, logger: silentLogger(), write: writeLastUse });
+    const same = new LastUseRecorder({ db: ctx.storage.db, clock: late, logger: silentLogger(), table: 'tokens' });
     same.record(minted.id, '10.0.0.1');
     await same.flush();
     expect(await lastUseRow(minted.id)).toEqual({ last_used_at: '2026-01-01T00:00:09.000Z', last_used_ip: '10.0.0.9' });
@@ -313,7 +312,7 @@ describe('when uses are written', () => {
   test('stop() writes what is pending (the shutdown path) and stops the timer', async () => {
     const user = await createUser(ctx);
     const minted = await mintToken(ctx, user.id);
-    const recorder = new LastUseRecorder({ db: ctx.storage.db, clock: ctx.clock, logger: silentLogger(), write: writeLastUse });
+    const recorder = new LastUseRecorder({ db: ctx.storage.db, clock: ctx.clock, logger: silentLogger(), table: 'tokens' });
     recorder.start(60_000);
     recorder.record(minted.id, '203.0.113.4');
     await recorder.stop();
@@ -347,7 +346,7 @@ describe('when uses are written', () => {
       },
     }) as Db;
     const clock = new FakeClock();
-    const recorder = new LastUseRecorder({ db: flaky, clock, logger: silentLogger(), write: writeLastUse });
+    const recorder = new LastUseRecorder({ db: flaky, clock, logger: silentLogger(), table: 'tokens' });
     recorder.record(a.id, '10.0.0.1');
     recorder.record(b.id, '10.0.0.2');
 

@@ -105,6 +105,7 @@ describe('configuration', () => {
     expect(() => testConfig({ SSO_ADMIN_GROUPS: 'platform' })).toThrow(ConfigError);
     expect(() => testConfig({ SSO_ADMIN_GROUPS: 'platform' })).toThrow('SSO_ADMIN_GROUPS needs SSO_TRUSTED_PROXIES');
     expect(() => testConfig({ ...ADMINS, SSO_ADMIN_SCOPES: 'users:read, users:delete' })).toThrow('SSO_ADMIN_SCOPES names unknown admin scopes: users:delete');
+    expect(() => testConfig({ ...ADMINS, SSO_ADMIN_SCOPES: ' , ' })).toThrow('SSO_ADMIN_SCOPES must name at least one admin scope, or be all');
     expect(testConfig(ADMINS).ssoAdminScopes).toHaveLength(11);
     expect(testConfig({ ...ADMINS, SSO_ADMIN_SCOPES: 'users:read users:read audit:read' }).ssoAdminScopes).toEqual(['audit:read', 'users:read']);
   });

@@ -32,7 +32,7 @@ export interface PresentedAdminKey {
   digest: Buffer;
 }
 
-export const invalidAdminKey = () => new AppError(401, 'INVALID_ADMIN_KEY', 'The admin key is not valid.');
+const invalidAdminKey = () => new AppError(401, 'INVALID_ADMIN_KEY', 'The admin key is not valid.');
 
 /**
  * Admin keys are verified exactly as user tokens are (product.md): checksum first, one indexed lookup
@@ -48,8 +48,9 @@ export class AdminKeyVerifier {
     this.secrets = new SecretCheck({ hasher: deps.hasher, cacheSize: 10_000 });
   }
 
-  present(text: string): PresentedAdminKey {
-    return { parsed: parseAdminKey(text, this.deps.tokenPrefix), digest: createHash('sha256').update(text).digest() };
+  /** `digest`: sha256 of `text`, when the caller has already computed it. */
+  present(text: string, digest = createHash('sha256').update(text).digest()): PresentedAdminKey {
+    return { parsed: parseAdminKey(text, this.deps.tokenPrefix), digest };
   }
 
   /** Verified before by this process (no lookup, no bcrypt): an address blocked for wrong keys may still use it. */

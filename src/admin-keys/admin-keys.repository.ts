@@ -1,4 +1,4 @@
-import { type Db, hotRead, writeEach } from '../../db/database';
+import { type Db, hotRead } from '../../db/database';
 import type { AdminKeyRow } from '../../db/schema';
 import type { PageRequest } from '../http/pagination';
 
@@ -66,17 +66,6 @@ export async function nameIsTaken(db: Db, name: string): Promise<boolean> {
 export async function revokeAdminKey(db: Db, id: number, now: string): Promise<boolean> {
   const result = await db.updateTable('admin_keys').set({ revoked_at: now }).where('id', '=', id).where('revoked_at', 'is', null).executeTakeFirst();
   return Number(result.numUpdatedRows) > 0;
-}
-
-export async function writeAdminKeyLastUse(db: Db, uses: Array<{ id: number; at: string; ip: string }>): Promise<void> {
-  await writeEach(db, uses, (trx, use) =>
-    trx
-      .updateTable('admin_keys')
-      .set({ last_used_at: use.at, last_used_ip: use.ip })
-      .where('id', '=', use.id)
-      // Two processes can flush out of order: never move last use backwards.
-      .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', use.at)])),
-  );
 }
 
 /** What verifying a request with an admin key needs, by selector; read on every request. */

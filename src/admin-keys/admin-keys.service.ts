@@ -3,25 +3,25 @@ import { type Db, isUniqueViolation, writeTransaction } from '../../db/database'
 import type { Clock } from '../clock';
 import { conflict, type FieldProblem, notFound, validationError } from '../http/errors';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
-import { parseBodyTime } from '../http/validation';
-import { parseAllowlist } from '../tokens/ip-allowlist';
+import { requestedExpiry } from '../http/validation';
+import { allowlistFromBody } from '../tokens/ip-allowlist';
 import type { LastUseRecorder } from '../tokens/last-use';
 import { insufficientScope, parseScopes, serializeScopes } from '../tokens/scopes';
 import type { SecretHasher } from '../tokens/secret-hasher';
 import { generateToken, maskToken } from '../tokens/token-format';
 import type { AdminIdentity } from './admin-key-verifier';
 import { ADMIN_SCOPES, isAdminScope } from './admin-scopes';
+import type { TokenStatus } from '../tokens/tokens.repository';
+import { parseAllowedIps, tokenStatus } from '../tokens/tokens.service';
 import * as adminKeys from './admin-keys.repository';
 import type { AdminKeyMetadataRow } from './admin-keys.repository';
-
-export type AdminKeyStatus = 'active' | 'expired' | 'revoked';
 
 export interface AdminKeyResponse {
   id: number;
   name: string;
   scopes: string[];
   masked: string;
-  status: AdminKeyStatus;
+  status: TokenStatus;
   allowed_ips: string[] | null;
   created_at: string;
   created_by: string;
@@ -53,7 +53,7 @@ const auditedFields = (row: AdminKeyMetadataRow) => ({
   name: row.name,
   scopes: parseScopes(row.scopes),
   expires_at: row.expires_at,
-  allowed_ips: row.allowed_ips === null ? null : (JSON.parse(row.allowed_ips) as string[]),
+  allowed_ips: parseAllowedIps(row.allowed_ips),
 });
 
 /**
@@ -72,8 +72,8 @@ export class AdminKeysService {
       name: row.name,
       scopes: parseScopes(row.scopes),
       masked: maskToken(this.deps.tokenPrefix, 'admin', row.selector, row.last4),
-      status: row.revoked_at !== null ? 'revoked' : row.expires_at !== null && row.expires_at <= now ? 'expired' : 'active',
-      allowed_ips: row.allowed_ips === null ? null : (JSON.parse(row.allowed_ips) as string[]),
+      status: tokenStatus(row, now),
+      allowed_ips: parseAllowedIps(row.allowed_ips),
       created_at: row.created_at,
       created_by: row.created_by,
       expires_at: row.expires_at,
@@ -91,12 +91,7 @@ export class AdminKeysService {
     if (name === '') throw validationError([problem('name', 'must not be blank')]);
     const scopes = this.resolveScopes(input.scopes, issuer);
     const expiresAt = resolveExpiry(input, now, issuer);
-    let allowedIps: string[] | null = null;
-    if (input.allowed_ips !== undefined && input.allowed_ips !== null) {
-      const parsed = parseAllowlist(input.allowed_ips);
-      if (!parsed.ok) throw validationError(parsed.invalid.map((entry) => problem('allowed_ips', `"${entry}" is not an IPv4/IPv6 address or CIDR range`)));
-      allowedIps = parsed.entries;
-    }
+    const allowedIps = input.allowed_ips === undefined || input.allowed_ips === null ? null : allowlistFromBody(input.allowed_ips);
 
     // bcrypt runs before the transaction, so no write lock is held while it works; a selector
     // collision (62^12 values) is retried, a name taken is the caller's 409.
@@ -174,14 +169,7 @@ export class AdminKeysService {
 
 /** Never later than the issuer's own end; without a requested one, the issuer's end if it has one. */
 function resolveExpiry(input: CreateAdminKeyInput, now: Date, issuer: AdminIdentity): string | null {
-  if (input.expires_in !== undefined && input.expires_at !== undefined) throw validationError([problem('expires_at', 'give expires_in or expires_at, not both')]);
-  const field = input.expires_at !== undefined ? 'expires_at' : 'expires_in';
-  let requested: number | null = null;
-  if (input.expires_in !== undefined) requested = now.getTime() + input.expires_in * 1000;
-  if (input.expires_at !== undefined) {
-    requested = parseBodyTime('expires_at', input.expires_at);
-    if (requested <= now.getTime()) throw validationError([problem('expires_at', 'must be in the future')]);
-  }
+  const { at: requested, field } = requestedExpiry(input, now);
   const ceiling = issuer.expiresAt === null ? null : Date.parse(issuer.expiresAt);
   if (requested !== null && ceiling !== null && requested > ceiling) {
     throw validationError([problem(field, `cannot outlive the admin key that mints it (it expires at ${issuer.expiresAt})`)]);

@@ -55,7 +55,7 @@ export function requireAdmin(rootDigests: readonly Buffer[], adminKeys: AdminKey
       if (timingSafeEqual(sentDigest, key.digest)) root = key.actor;
     }
     if (root) return rootIdentity(root);
-    const key = adminKeys.present(sent);
+    const key = adminKeys.present(sent, sentDigest);
     if (!adminKeys.knows(key)) {
       const blocked = await limits.blocked(ip);
       if (blocked) throw blocked;

@@ -38,6 +38,22 @@ export function parseBodyTime(field: string, value: string): number {
   return ms;
 }
 
+/**
+ * The expiry a body asks for, as `expires_in` (seconds from now) or `expires_at` (in the future), never
+ * both: milliseconds, or null for none asked; `field` names the one given, for the caller's own bounds.
+ */
+export function requestedExpiry(input: { expires_in?: number; expires_at?: string }, now: Date): { at: number | null; field: 'expires_in' | 'expires_at' } {
+  if (input.expires_in !== undefined && input.expires_at !== undefined) {
+    throw validationError([{ field: 'expires_at', in: 'body', message: 'give expires_in or expires_at, not both' }]);
+  }
+  if (input.expires_at !== undefined) {
+    const at = parseBodyTime('expires_at', input.expires_at);
+    if (at <= now.getTime()) throw validationError([{ field: 'expires_at', in: 'body', message: 'must be in the future' }]);
+    return { at, field: 'expires_at' };
+  }
+  return { at: input.expires_in === undefined ? null : now.getTime() + input.expires_in * 1000, field: 'expires_in' };
+}
+
 /** The email rule the API's `format: email` (and `maxLength: 254`) applies, for emails that arrive outside a body. */
 export function isEmail(text: string): boolean {
   return text.length <= 254 && (fullFormats.email as RegExp).test(text);

@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
 import { LRUCache } from 'lru-cache';
+import { validationError } from '../http/errors';
 
 /**
  * IP allowlists: IPv4/IPv6 addresses and CIDR ranges. One representation (a family, a network as a
@@ -128,6 +129,15 @@ export function parseAllowlist(entries: readonly string[]): AllowlistParse {
     else invalid.push(entry);
   }
   return invalid.length > 0 ? { ok: false, invalid } : { ok: true, entries: [...out] };
+}
+
+/** `allowed_ips` of a request body, canonicalised; any entry that is not an address or range is a 400. */
+export function allowlistFromBody(entries: readonly string[]): string[] {
+  const parsed = parseAllowlist(entries);
+  if (!parsed.ok) {
+    throw validationError(parsed.invalid.map((entry) => ({ field: 'allowed_ips', in: 'body' as const, message: `"${entry}" is not an IPv4/IPv6 address or CIDR range` })));
+  }
+  return parsed.entries;
 }
 
 function contains(outer: Range, inner: Range): boolean {

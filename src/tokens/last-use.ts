@@ -1,4 +1,4 @@
-import type { Db } from '../../db/database';
+import { type Db, writeEach } from '../../db/database';
 import type { Clock } from '../clock';
 import type { Logger } from '../logger';
 import { PeriodicFlush } from '../periodic-flush';
@@ -22,8 +22,8 @@ export class LastUseRecorder {
   private writing = new Map<number, { ms: number; ip: string }>();
   private readonly flusher = new PeriodicFlush(() => this.flushOnce());
 
-  /** `write` stores a batch: the tokens' or the admin keys' table. */
-  constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger; write: (db: Db, uses: Array<{ id: number; at: string; ip: string }>) => Promise<void> }) {}
+  /** `table`: whose uses these are, user tokens' or admin keys'. */
+  constructor(private readonly deps: { db: Db; clock: Clock; logger: Logger; table: 'tokens' | 'admin_keys' }) {}
 
   record(tokenId: number, ip: string): void {
     this.uses.set(tokenId, { ms: this.deps.clock.now().getTime(), ip });
@@ -54,9 +54,15 @@ export class LastUseRecorder {
     this.writing = batch;
     this.uses = new Map();
     try {
-      await this.deps.write(
-        this.deps.db,
-        [...batch].map(([id, use]) => ({ id, at: new Date(use.ms).toISOString(), ip: use.ip })),
+      const uses = [...batch].map(([id, use]) => ({ id, at: new Date(use.ms).toISOString(), ip: use.ip }));
+      // Both tables have the same two columns; Kysely types one table name at a time.
+      await writeEach(this.deps.db, uses, (trx, use) =>
+        trx
+          .updateTable(this.deps.table as 'tokens')
+          .set({ last_used_at: use.at, last_used_ip: use.ip })
+          .where('id', '=', use.id)
+          // Two processes can flush out of order: never move last use backwards.
+          .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', use.at)])),
       );
     } catch (err) {
       // Put the batch back unless a newer use of the same token arrived meanwhile.

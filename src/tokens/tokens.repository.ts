@@ -1,4 +1,4 @@
-import { type Db, hotRead, writeEach } from '../../db/database';
+import { type Db, hotRead } from '../../db/database';
 import type { NewTokenRow, TokenRow, TokenUpdate } from '../../db/schema';
 import type { PageRequest } from '../http/pagination';
 
@@ -98,18 +98,6 @@ export async function revokeToken(db: Db, id: number, now: string): Promise<bool
 export async function revokeAllTokensOfUser(db: Db, userId: number, now: string): Promise<number> {
   const result = await db.updateTable('tokens').set({ revoked_at: now }).where('user_id', '=', userId).where('revoked_at', 'is', null).executeTakeFirst();
   return Number(result.numUpdatedRows);
-}
-
-/** One statement per token, in one transaction: the last-use recorder's periodic flush. */
-export async function writeLastUse(db: Db, uses: Array<{ id: number; at: string; ip: string }>): Promise<void> {
-  await writeEach(db, uses, (trx, use) =>
-    trx
-      .updateTable('tokens')
-      .set({ last_used_at: use.at, last_used_ip: use.ip })
-      .where('id', '=', use.id)
-      // Two processes can flush out of order: never move last use backwards.
-      .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', use.at)])),
-  );
 }
 
 /** What verifying a request needs, in one indexed lookup by selector. */

@@ -4,9 +4,9 @@ import { type AuditContext, changes, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
 import { AppError, conflict, type FieldProblem, notFound, validationError } from '../http/errors';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
-import { parseBodyTime } from '../http/validation';
+import { parseBodyTime, requestedExpiry } from '../http/validation';
 import type { UsersService } from '../users/users.service';
-import { compiledAllowlist, parseAllowlist } from './ip-allowlist';
+import { allowlistFromBody, compiledAllowlist } from './ip-allowlist';
 import type { LastUseRecorder } from './last-use';
 import type { SecretHasher } from './secret-hasher';
 import { insufficientScope, normalizeScopes, parseScopes, serializeScopes } from './scopes';
@@ -80,7 +80,7 @@ export function tokenStatus(row: { revoked_at: string | null; expires_at: string
   return 'active';
 }
 
-const parseAllowedIps = (stored: string | null): string[] | null => (stored === null ? null : (JSON.parse(stored) as string[]));
+export const parseAllowedIps = (stored: string | null): string[] | null => (stored === null ? null : (JSON.parse(stored) as string[]));
 
 const tokenTarget = (row: TokenMetadataRow) => ({ type: 'token' as const, id: row.id, userId: row.user_id });
 
@@ -306,28 +306,16 @@ export class TokensService {
       if (inherited !== null) throw validationError([problem('allowed_ips', 'cannot be null: this API key has an allowlist, and keys it mints stay within it')]);
       return null;
     }
-    const parsed = parseAllowlist(requested);
-    if (!parsed.ok) {
-      throw validationError(parsed.invalid.map((entry) => problem('allowed_ips', `"${entry}" is not an IPv4/IPv6 address or CIDR range`)));
-    }
-    if (inherited !== null && !compiledAllowlist(JSON.stringify(inherited)).covers(parsed.entries)) {
+    const entries = allowlistFromBody(requested);
+    if (inherited !== null && !compiledAllowlist(JSON.stringify(inherited)).covers(entries)) {
       throw validationError([problem('allowed_ips', `must stay within this API key's own allowlist (${inherited.join(', ')})`)]);
     }
-    return parsed.entries;
+    return entries;
   }
 
   private resolveExpiry(input: MintInput, now: Date, issuer: Issuer): string | null {
     const { maxLifetimeSeconds } = this.deps;
-    if (input.expires_in !== undefined && input.expires_at !== undefined) {
-      throw validationError([problem('expires_at', 'give expires_in or expires_at, not both')]);
-    }
-    const field = input.expires_at !== undefined ? 'expires_at' : 'expires_in';
-    let requested: number | null = null;
-    if (input.expires_in !== undefined) requested = now.getTime() + input.expires_in * 1000;
-    if (input.expires_at !== undefined) {
-      requested = parseBodyTime('expires_at', input.expires_at);
-      if (requested <= now.getTime()) throw validationError([problem('expires_at', 'must be in the future')]);
-    }
+    const { at: requested, field } = requestedExpiry(input, now);
     const cap = maxLifetimeSeconds === null ? null : now.getTime() + maxLifetimeSeconds * 1000;
     if (requested !== null && cap !== null && requested > cap) {
       throw validationError([problem(field, `must be at most ${maxLifetimeSeconds} seconds from now (MAX_TOKEN_LIFETIME)`)]);
