@@ -1,5 +1,5 @@
 import request from 'supertest';
-import { admin, createTestApp, createUser, expectError, mintToken, type TestContext } from './helpers/app';
+import { admin, allowWrites, createTestApp, createUser, expectError, mintToken, refuseWrites, type TestContext } from './helpers/app';
 
 // Token lifecycle (issue "Token lifecycle"): expiry, live/test keys, rotation, PATCH, the admin-wide
 // listing and MAX_TOKENS_PER_USER. Time only moves through the fake clock, never by sleeping.
@@ -666,6 +666,23 @@ describe('GET /admin/tokens', () => {
   type Listed = { id: number; user_id: number; status: string; environment: string };
   const ids = (res: request.Response) => (res.body.data as Listed[]).map((t) => t.id);
 
+  /** Every id of a listing, page by page, each page's cursor sent with the same filters. */
+  const walk = async (filters: string, limit: number) => {
+    const seen: number[] = [];
+    let cursor: string | null = null;
+    for (let pages = 0; pages < 50; pages++) {
+      const res: request.Response = await listAll(`?limit=${limit}${filters}${cursor ? `&cursor=${cursor}` : ''}`);
+      expect(res.status).toBe(200);
+      expect(res.body.meta.limit).toBe(limit);
+      expect(res.body.data.length).toBeLessThanOrEqual(limit);
+      seen.push(...ids(res));
+      cursor = res.body.meta.next_cursor;
+      if (cursor === null) return seen;
+      expect(res.body.data).toHaveLength(limit);
+    }
+    throw new Error('pagination did not end');
+  };
+
   test('lists every user\'s tokens, oldest first, masked, with the list envelope', async () => {
     const u1 = await createUser(ctx);
     const u2 = await createUser(ctx);
@@ -769,6 +786,13 @@ describe('GET /admin/tokens', () => {
     ['?limit=101', 'limit', 'must be <= 100'],
     ['?cursor=bm90LWEtY3Vyc29y', 'cursor', 'is not a cursor this server issued'],
     ['?state=active', 'state', 'is not a known field'],
+    ['?never_used=maybe', 'never_used', 'must be boolean'],
+    ['?never_used=1', 'never_used', 'must be boolean'],
+    ['?expires_before=not-a-date', 'expires_before', 'must match format "date-time"'],
+    ['?expires_before=2026-13-40T00:00:00Z', 'expires_before', 'must match format "date-time"'],
+    ['?expires_before=2026-01-08', 'expires_before', 'must match format "date-time"'],
+    // RFC 3339 allows a leap second, Date cannot hold one: the same rule as the audit log's since/until.
+    ['?expires_before=2026-06-30T23:59:60Z', 'expires_before', 'is not a time keyward can represent'],
   ])('%s is 400 VALIDATION_ERROR in the query', async (query, field, message) => {
     await createUser(ctx);
     const error = expectError(await listAll(query), 400, 'VALIDATION_ERROR');
@@ -789,22 +813,6 @@ describe('GET /admin/tokens', () => {
       minted.push({ id: (await mintToken(ctx, user, { environment: env })).id, env, user });
     }
 
-    const walk = async (filters: string, limit: number) => {
-      const seen: number[] = [];
-      let cursor: string | null = null;
-      for (let pages = 0; pages < 50; pages++) {
-        const res: request.Response = await listAll(`?limit=${limit}${filters}${cursor ? `&cursor=${cursor}` : ''}`);
-        expect(res.status).toBe(200);
-        expect(res.body.meta.limit).toBe(limit);
-        expect(res.body.data.length).toBeLessThanOrEqual(limit);
-        seen.push(...ids(res));
-        cursor = res.body.meta.next_cursor;
-        if (cursor === null) return seen;
-        expect(res.body.data).toHaveLength(limit);
-      }
-      throw new Error('pagination did not end');
-    };
-
     for (const limit of [1, 2, 3, 11, 100]) {
       const seen = await walk('', limit);
       expect(seen).toEqual(minted.map((t) => t.id));
@@ -822,6 +830,138 @@ describe('GET /admin/tokens', () => {
     const second = await listAll(`?limit=2&cursor=${first.body.meta.next_cursor}`);
     expect(second.body.data).toHaveLength(2);
     expect(second.body.meta.next_cursor).toBeNull();
+  });
+
+  describe('never_used and expires_before', () => {
+    type WithUse = Listed & { last_used_at: string | null; expires_at: string | null };
+
+    async function check(expected: Record<string, number[]>): Promise<void> {
+      for (const [query, want] of Object.entries(expected)) {
+        const res = await listAll(query);
+        expect({ query, status: res.status, ids: ids(res) }).toEqual({ query, status: 200, ids: want });
+      }
+    }
+
+    test('never_used=true lists the tokens never used, false the ones used, alone and with the other filters', async () => {
+      const u1 = await createUser(ctx);
+      const u2 = await createUser(ctx);
+      const unused = await mintToken(ctx, u1.id);
+      const usedWritten = await mintToken(ctx, u1.id);
+      const usedPending = await mintToken(ctx, u2.id, { environment: 'test' });
+      const revokedUnused = await mintToken(ctx, u2.id);
+      const revokedUsed = await mintToken(ctx, u1.id);
+      const expiredUnused = await mintToken(ctx, u2.id, { expires_in: 60 });
+      await expectWorks(usedWritten.token);
+      await expectWorks(revokedUsed.token);
+      await ctx.app.lastUse.flush();
+      ctx.clock.advance(10);
+      // Recorded, not yet written: the listing already shows it, so the filter must count it.
+      await expectWorks(usedPending.token);
+      expect(await tokenRow(usedPending.id)).toMatchObject({ last_used_at: null });
+      await revoke(revokedUnused.id);
+      await revoke(revokedUsed.id);
+      moveTo(60);
+
+      await check({
+        '?never_used=true': [unused.id, revokedUnused.id, expiredUnused.id],
+        '?never_used=false': [usedWritten.id, usedPending.id, revokedUsed.id],
+        '?never_used=true&status=active': [unused.id],
+        '?never_used=false&status=active': [usedWritten.id, usedPending.id],
+        '?never_used=true&status=revoked': [revokedUnused.id],
+        '?never_used=false&status=revoked': [revokedUsed.id],
+        '?never_used=true&status=expired': [expiredUnused.id],
+        '?never_used=false&status=expired': [],
+        [`?never_used=true&user_id=${u2.id}`]: [revokedUnused.id, expiredUnused.id],
+        [`?never_used=false&user_id=${u2.id}`]: [usedPending.id],
+        '?never_used=false&environment=test': [usedPending.id],
+        '?never_used=true&environment=test': [],
+      });
+
+      // The filter and the last_used_at each listed token shows agree.
+      const all = (await listAll()).body.data as WithUse[];
+      expect(all.find((t) => t.id === usedPending.id)!.last_used_at).toBe(at(10));
+      for (const neverUsed of [true, false]) {
+        const filtered = (await listAll(`?never_used=${neverUsed}`)).body.data as WithUse[];
+        expect(filtered).toEqual(all.filter((t) => (t.last_used_at === null) === neverUsed));
+      }
+    });
+
+    test('never_used still counts a recorded use when writing it fails', async () => {
+      const user = await createUser(ctx);
+      const unused = await mintToken(ctx, user.id);
+      const used = await mintToken(ctx, user.id);
+      await refuseWrites(ctx, 'no_last_use', { event: 'update of last_used_at', table: 'tokens' });
+      await expectWorks(used.token);
+
+      await check({ '?never_used=true': [unused.id], '?never_used=false': [used.id] });
+      expect(await tokenRow(used.id)).toMatchObject({ last_used_at: null });
+      expect(ctx.app.lastUse.pending(used.id)).toEqual({ at: at(0), ip: expect.any(String) });
+
+      // Once the write goes through, the same answer comes from the row.
+      await allowWrites(ctx, 'no_last_use', 'tokens');
+      await ctx.app.lastUse.flush();
+      expect(await tokenRow(used.id)).toMatchObject({ last_used_at: at(0) });
+      await check({ '?never_used=true': [unused.id], '?never_used=false': [used.id] });
+    });
+
+    test('expires_before lists tokens expiring strictly before the time, never those without expiry; with status=active, the ones expiring soon', async () => {
+      const u1 = await createUser(ctx);
+      const u2 = await createUser(ctx);
+      const forever = await mintToken(ctx, u1.id);
+      const minute = await mintToken(ctx, u1.id, { expires_in: 60 });
+      const sixDays = await mintToken(ctx, u2.id, { expires_in: 6 * 86_400 });
+      const revokedInADay = await mintToken(ctx, u1.id, { expires_in: 86_400 });
+      const month = await mintToken(ctx, u2.id, { expires_in: 30 * 86_400, environment: 'test' });
+      await revoke(revokedInADay.id);
+      moveTo(120);
+      const inAWeek = at(120 + 7 * 86_400);
+
+      await check({
+        [`?expires_before=${inAWeek}`]: [minute.id, sixDays.id, revokedInADay.id],
+        [`?expires_before=${inAWeek}&status=active`]: [sixDays.id],
+        [`?expires_before=${inAWeek}&status=expired`]: [minute.id],
+        [`?expires_before=${inAWeek}&status=revoked`]: [revokedInADay.id],
+        [`?expires_before=${inAWeek}&user_id=${u1.id}`]: [minute.id, revokedInADay.id],
+        [`?expires_before=${at(31 * 86_400)}&environment=test`]: [month.id],
+        [`?expires_before=${at(31 * 86_400)}&status=active`]: [sixDays.id, month.id],
+        [`?expires_before=${at(6 * 86_400)}&never_used=true`]: [minute.id, revokedInADay.id],
+        // Strictly before: a token expiring at exactly that time is not listed.
+        [`?expires_before=${at(60)}`]: [],
+        '?expires_before=2026-01-01T00:01:00.001Z': [minute.id],
+        // Compared as instants, not as text: an offset is that instant, and without milliseconds the
+        // very time the token expires is still not before it.
+        '?expires_before=2025-12-31T23:01:00.001-01:00': [minute.id],
+        '?expires_before=2026-01-01T01:01:00.001%2B01:00': [minute.id],
+        '?expires_before=2026-01-01T00:01:00Z': [],
+        '?expires_before=2026-01-01T00:01:01Z': [minute.id],
+        '?expires_before=2025-12-31T23:59:59Z': [],
+      });
+      expect(ids(await listAll())).toContain(forever.id);
+    });
+
+    test('pagination walks every page once with the new filters, alone and with status', async () => {
+      const user = await createUser(ctx);
+      const minted: Array<{ id: number; used: boolean; expires: boolean; revoked: boolean }> = [];
+      for (let i = 0; i < 10; i++) {
+        const expires = i % 2 === 0;
+        const token = await mintToken(ctx, user.id, expires ? { expires_in: 3600 } : {});
+        const used = i % 3 === 0;
+        const revoked = i % 4 === 1;
+        if (used) await expectWorks(token.token);
+        if (revoked) await revoke(token.id);
+        minted.push({ id: token.id, used, expires, revoked });
+      }
+      const want = (keep: (t: (typeof minted)[number]) => boolean) => minted.filter(keep).map((t) => t.id);
+      const soon = at(7 * 86_400);
+
+      for (const limit of [1, 2, 3]) {
+        expect(await walk('&never_used=true', limit)).toEqual(want((t) => !t.used));
+        expect(await walk('&never_used=false', limit)).toEqual(want((t) => t.used));
+        expect(await walk(`&expires_before=${soon}`, limit)).toEqual(want((t) => t.expires));
+        expect(await walk(`&expires_before=${soon}&status=active`, limit)).toEqual(want((t) => t.expires && !t.revoked));
+        expect(await walk(`&never_used=true&expires_before=${soon}&status=active`, limit)).toEqual(want((t) => !t.used && t.expires && !t.revoked));
+      }
+    });
   });
 });
 

@@ -4,8 +4,11 @@ import { input } from '../http/operations';
 import { pageRequest } from '../http/pagination';
 import type { AuditFilter, AuditLog } from './audit.service';
 
-/** Entries store UTC times with milliseconds; a time with an offset is compared as that instant. */
-function instant(field: string, value: unknown): string | undefined {
+/**
+ * A query's date-time as stored times are written (UTC, milliseconds), so that a time with an offset is
+ * compared as that instant; also used by the token listing's expires_before.
+ */
+export function instant(field: string, value: unknown): string | undefined {
   if (value === undefined) return undefined;
   const ms = Date.parse(value as string);
   // The schema accepts a leap second (23:59:60), which Date cannot hold.

@@ -34,6 +34,11 @@ export class LastUseRecorder {
     return use && { at: new Date(use.ms).toISOString(), ip: use.ip };
   }
 
+  /** Every token with a use `pending` answers for, written or not. */
+  pendingIds(): number[] {
+    return [...new Set([...this.uses.keys(), ...this.writing.keys()])];
+  }
+
   start(intervalMs = LAST_USE_FLUSH_MS): void {
     this.flusher.start(intervalMs);
   }

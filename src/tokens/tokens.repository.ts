@@ -37,13 +37,29 @@ export interface TokenFilter {
   userId?: number;
   status?: TokenStatus;
   environment?: 'live' | 'test';
+  /** true: only tokens with no last use; false: only tokens used at least once. */
+  neverUsed?: boolean;
+  /** Only tokens with an expires_at strictly before this time (ISO, UTC, milliseconds). */
+  expiresBefore?: string;
 }
 
-/** Keyset-paginated by id; `now` decides which tokens count as expired. */
-export async function listTokens(db: Db, filter: TokenFilter, page: PageRequest, now: string): Promise<TokenMetadataRow[]> {
+/**
+ * Keyset-paginated by id; `now` decides which tokens count as expired. `usedIds`: tokens whose last use
+ * is recorded but may not be written yet, used as far as `neverUsed` is concerned.
+ */
+export async function listTokens(db: Db, filter: TokenFilter, page: PageRequest, now: string, usedIds: readonly number[] = []): Promise<TokenMetadataRow[]> {
   let query = db.selectFrom('tokens').select(METADATA_COLUMNS).where('id', '>', page.afterId);
   if (filter.userId !== undefined) query = query.where('user_id', '=', filter.userId);
   if (filter.environment !== undefined) query = query.where('environment', '=', filter.environment);
+  if (filter.neverUsed === true) {
+    query = query.where('last_used_at', 'is', null);
+    if (usedIds.length > 0) query = query.where('id', 'not in', usedIds);
+  }
+  if (filter.neverUsed === false) {
+    query = query.where((eb) => eb.or([eb('last_used_at', 'is not', null), ...(usedIds.length > 0 ? [eb('id', 'in', usedIds)] : [])]));
+  }
+  // A token without expiry (null) is before no time: the comparison leaves it out on both databases.
+  if (filter.expiresBefore !== undefined) query = query.where('expires_at', '<', filter.expiresBefore);
   if (filter.status === 'revoked') query = query.where('revoked_at', 'is not', null);
   if (filter.status === 'expired') query = query.where('revoked_at', 'is', null).where('expires_at', '<=', now);
   if (filter.status === 'active') {

@@ -1,6 +1,7 @@
 import { authOf } from '../auth/user-auth';
 import type { AuthContext } from '../auth/token-verifier';
 import { auditContextOf } from '../audit/audit';
+import { instant } from '../audit/audit.routes';
 import type { Handler } from '../http/operations';
 import { input } from '../http/operations';
 import { pageRequest } from '../http/pagination';
@@ -25,6 +26,8 @@ export function tokensHandlers(tokens: TokensService): Record<string, Handler> {
         userId: query.user_id as number | undefined,
         status: query.status as TokenFilter['status'],
         environment: query.environment as TokenFilter['environment'],
+        neverUsed: query.never_used as boolean | undefined,
+        expiresBefore: instant('expires_before', query.expires_before),
       };
       res.json(await tokens.list(filter, pageRequest(query)));
     },

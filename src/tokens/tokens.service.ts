@@ -264,7 +264,15 @@ export class TokensService {
   async list(filter: TokenFilter, page: PageRequest): Promise<Page<TokenResponse>> {
     if (filter.userId !== undefined) await this.deps.users.requireRow(filter.userId);
     const now = this.deps.clock.now().toISOString();
-    return toPage(await tokens.listTokens(this.deps.db, filter, page, now), page, (row) => this.toResponse(row, now));
+    let usedIds: number[] = [];
+    if (filter.neverUsed !== undefined) {
+      // Listings show a use before it is written (toResponse reads `pending`), and never_used must agree
+      // with the last_used_at they show. Writing what is pending first keeps the id list below short;
+      // what is still pending after it (a failed flush, a use that came in meanwhile) is passed along.
+      await this.deps.lastUse.flush();
+      usedIds = this.deps.lastUse.pendingIds();
+    }
+    return toPage(await tokens.listTokens(this.deps.db, filter, page, now, usedIds), page, (row) => this.toResponse(row, now));
   }
 
   async get(id: number, issuer: Issuer = ADMIN): Promise<TokenResponse> {
