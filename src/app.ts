@@ -29,8 +29,8 @@ import type { RequestObserver } from './http/request-context';
 import { Metrics, metricsHandlers, requireMetrics } from './metrics/metrics';
 import { UsageRecorder, UsageService } from './usage/usage';
 import { usageHandlers } from './usage/usage.routes';
+import { staticPage } from './http/static-page';
 import { requireSso, ssoAdmins } from './sso/sso-auth';
-import { ssoPageRouter } from './sso/sso-page';
 import { ssoHandlers } from './sso/sso.routes';
 import { SsoService } from './sso/sso.service';
 import { meHandlers } from './me/me.routes';
@@ -178,7 +178,8 @@ export function createApp(deps: AppDeps): KeywardApp {
   mountOperations(router, runners);
   app.use(router);
   app.use(docsRouter(doc));
-  app.use(ssoPageRouter());
+  app.use(staticPage('/sso', 'sso'));
+  app.use(staticPage('/console', 'console'));
   // Only once start-up can no longer throw: a failed createApp leaves no timer behind.
   lastUse.start();
   adminLastUse.start();

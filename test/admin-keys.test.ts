@@ -74,6 +74,26 @@ describe('minting, listing and revoking admin keys', () => {
     expectError(await request(ctx.app).post('/admin/admin-keys').set(asKey(key)).send({ name: 'more', scopes: ['users:write'] }), 403, 'INSUFFICIENT_SCOPE');
   });
 
+  test('every answer names the scopes of the credential (X-Keyward-Admin-Scopes), refusals included', async () => {
+    const { key } = await createKey(ctx, { name: 'reader', scopes: ['users:read', 'audit:read'] });
+    const ok = await request(ctx.app).get('/admin/users').set(asKey(key));
+    expect([ok.status, ok.headers['x-keyward-admin-scopes']]).toEqual([200, 'audit:read users:read']);
+    const refused = await request(ctx.app).delete('/admin/users/1').set(asKey(key));
+    expect([refused.status, refused.headers['x-keyward-admin-scopes']]).toEqual([403, 'audit:read users:read']);
+    // The input is checked after the scope, and still under the credential's name.
+    const invalid = await request(ctx.app).get('/admin/users/0').set(asKey(key));
+    expect([invalid.status, invalid.headers['x-keyward-admin-scopes']]).toEqual([400, 'audit:read users:read']);
+    const root = await request(ctx.app).get('/admin/users').set(admin);
+    expect(root.headers['x-keyward-admin-scopes']).toBe(ADMIN_SCOPES.join(' '));
+    // No credential, a wrong one: nothing to name.
+    expect((await request(ctx.app).get('/admin/users')).headers['x-keyward-admin-scopes']).toBeUndefined();
+    expect((await request(ctx.app).get('/admin/users').set(asKey(`${key.slice(0, -1)}x`))).headers['x-keyward-admin-scopes']).toBeUndefined();
+    // Never on the user API.
+    const user = await createUser(ctx);
+    const token = await mintToken(ctx, user.id);
+    expect((await request(ctx.app).get('/v1/me').set('X-API-Key', token.token)).headers['x-keyward-admin-scopes']).toBeUndefined();
+  });
+
   test('revoked: 401 ADMIN_KEY_REVOKED on the very next request; revoking again is a no-op 204; the name is free again', async () => {
     const { id, key } = await createKey(ctx, { name: 'job', scopes: ['users:read'] });
     expect((await request(ctx.app).get('/admin/users').set(asKey(key))).status).toBe(200);

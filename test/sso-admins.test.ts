@@ -49,7 +49,8 @@ describe('a signed-in person in an admin group', () => {
 
   test('holds SSO_ADMIN_SCOPES only: what they lack is 403 INSUFFICIENT_SCOPE; an admin key they mint stays within them', async () => {
     const ctx = await app({ ...ADMINS, SSO_ADMIN_SCOPES: 'users:read, admin-keys:write' });
-    expect((await request(ctx.app).get('/admin/users').set(person('platform'))).status).toBe(200);
+    const read = await request(ctx.app).get('/admin/users').set(person('platform'));
+    expect([read.status, read.headers['x-keyward-admin-scopes']]).toEqual([200, 'admin-keys:write users:read']);
     const refused = expectError(await request(ctx.app).post('/admin/users').set(person('platform')).set(CSRF).send({ email: 'x@example.com' }), 403, 'INSUFFICIENT_SCOPE');
     expect(refused).toMatchObject({ message: 'SSO admins (SSO_ADMIN_SCOPES) lack the scope users:write.', details: { required: ['users:write'] } });
     const minted = await request(ctx.app).post('/admin/admin-keys').set(person('platform')).set(CSRF).send({ name: 'ada reads', scopes: ['users:read'] });

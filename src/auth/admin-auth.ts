@@ -43,6 +43,9 @@ export function requireAdmin(rootDigests: readonly Buffer[], adminKeys: AdminKey
     const context = contextOf(res);
     context.actor = identity.actor;
     context.admin = identity;
+    // What this credential may do, on every answer it gets (GitHub's X-OAuth-Scopes): the console
+    // offers only what the person may do, and a curl user sees it with -i.
+    res.setHeader('X-Keyward-Admin-Scopes', identity.scopes.join(' '));
     if (!(identity.scopes as readonly string[]).includes(op.requiredScope!)) {
       throw insufficientScope([op.requiredScope!], `${viaSso ? 'SSO admins (SSO_ADMIN_SCOPES) lack' : 'This admin key lacks'} the scope ${op.requiredScope}.`);
     }

@@ -3,15 +3,16 @@ import { join } from 'node:path';
 import { findProjectPath } from '../project-files';
 
 /**
- * The self-service page at /sso/: static files (public/sso/), no data in them. The page asks the /sso
- * API, which is where sign-in is checked, so serving the files needs no identity. Everything runs
- * under keyward's CSP: scripts and styles from this origin only, nothing inline.
+ * A browser page made of static files (public/<folder>/) mounted at `mount`: the /sso/ page and the
+ * admin console. The files hold no data: the page asks the API, which is where sign-in and scopes are
+ * checked, so serving them needs no identity. Everything runs under keyward's CSP: scripts and styles
+ * from this origin only, nothing inline.
  */
-export function ssoPageRouter(): Router {
+export function staticPage(mount: string, folder: string): Router {
   const router = Router();
   router.use(
-    '/sso',
-    express.static(findProjectPath(join('public', 'sso')), {
+    mount,
+    express.static(findProjectPath(join('public', folder)), {
       index: 'index.html',
       // /sso redirects to /sso/ so the page's relative links resolve under it.
       redirect: true,
