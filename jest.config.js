@@ -15,7 +15,7 @@
  *   integrity_check, a full or read-only disk, a corrupt file) or the HTTP server in front of it
  *   (SIGTERM, slow and oversized requests); in the PostgreSQL run they would only run again unchanged.
  */
-const SYSTEM = ['docs-browser', 'sso-page-browser', 'forward-auth-nginx', 'forward-auth-caddy', 'storage-faults'];
+const SYSTEM = ['docs-browser', 'sso-page-browser', 'console-browser', 'forward-auth-nginx', 'forward-auth-caddy', 'storage-faults'];
 const POSTGRES_ONLY = ['postgres-instances', 'migrate-data'];
 const SQLITE_ONLY = ['crash-safety', 'storage-faults', 'graceful-shutdown', 'http-limits'];
 
