@@ -112,7 +112,8 @@ async function renderWho() {
   const info = await proxyUserInfo();
   const who = document.getElementById('who');
   who.textContent = '';
-  if (info) append(who, ['Signed in as ', h('strong', { class: 'who-email' }, info.email)]);
+  // oauth2-proxy answers /oauth2/userinfo and /oauth2/sign_out itself.
+  if (info) append(who, ['Signed in as ', h('strong', { class: 'who-email' }, info.email), ' \u00b7 ', h('a', { href: '../oauth2/sign_out', class: 'sign-out' }, 'Sign out')]);
   else who.textContent = 'Signed in through your sign-in proxy';
 }
 
