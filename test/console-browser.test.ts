@@ -329,6 +329,21 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     expect((await me()).status).toBe(200);
   });
 
+  test('shows the user\'s running bot, and force-releases it (after confirming), freeing the slot', async () => {
+    const key = await curl('-X', 'POST', '-H', `X-Admin-API-Key: ${ADMIN_KEY}`, '-H', 'Content-Type: application/json', '-d', '{"name":"runner","scopes":["bots:read","bots:write"]}', `${full.baseUrl}/admin/users/${userId}/tokens`);
+    const bot = await curl('-X', 'POST', '-H', `X-API-Key: ${key.body.token}`, '-H', 'Content-Type: application/json', '-d', '{"platform":"google_meet","label":"standup"}', `${full.baseUrl}/v1/bots`);
+    expect(bot.status).toBe(201);
+    await page.reload();
+    await page.locator('#bots-title', { hasText: 'Bots running (1 of 4)' }).waitFor();
+    const row = page.locator(`tr[data-bot-id="${bot.body.id}"]`);
+    expect(await row.innerText()).toContain('standup');
+    await row.getByRole('button', { name: `Force-release bot ${bot.body.id}` }).click();
+    await page.locator('#confirm-dialog').getByRole('button', { name: 'Force-release', exact: true }).click();
+    await page.locator('#bots-title', { hasText: 'Bots running (0 of 4)' }).waitFor();
+    const after = await curl('-H', `X-API-Key: ${key.body.token}`, `${full.baseUrl}/v1/bots/${bot.body.id}`);
+    expect([after.body.status, after.body.ended_by]).toEqual(['released', 'admin']);
+  });
+
   test('the tokens page offers "never used" and "expiring within 7 days"', async () => {
     const admin = (method: string, path: string, body?: unknown) =>
       curl('-X', method, '-H', `X-Admin-API-Key: ${ADMIN_KEY}`, '-H', 'Content-Type: application/json', ...(body ? ['-d', JSON.stringify(body)] : []), `${full.baseUrl}${path}`);
@@ -431,6 +446,51 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     expect(await alert.innerText()).toMatch(/VALIDATION_ERROR[\s\S]*email: must match format "email"/);
     expect(await page.locator('#users-title').isVisible()).toBe(true);
     expectOnlyRefusals(400);
+  });
+
+  test('pages through the users list and the audit log; the audit log narrows by who and by time', async () => {
+    for (let i = 0; i < 51; i++) {
+      const res = await fetch(`${full.baseUrl}/admin/users`, {
+        method: 'POST',
+        headers: { 'X-Admin-API-Key': ADMIN_KEY, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ email: `bulk${String(i).padStart(2, '0')}@example.com` }),
+      });
+      expect(res.status).toBe(201);
+    }
+    await page.goto(`${base.admin}/console/#/users?email=bulk`);
+    await page.locator('tr[data-user-id]').first().waitFor();
+    const emails = async () => page.locator('tr[data-user-id] .c-name').allInnerTexts();
+    expect((await emails()).slice(0, 2)).toEqual(['bulk00@example.com', 'bulk01@example.com']);
+    expect(await emails()).toHaveLength(25);
+    await page.getByRole('button', { name: 'Next page' }).click();
+    await page.locator('.c-name', { hasText: 'bulk25@example.com' }).waitFor();
+    await page.getByRole('button', { name: 'Next page' }).click();
+    await page.locator('.c-name', { hasText: 'bulk50@example.com' }).waitFor();
+    expect(await emails()).toEqual(['bulk50@example.com']);
+    expect(await page.getByRole('button', { name: 'Next page' }).count()).toBe(0);
+    await page.getByRole('button', { name: 'Previous page' }).click();
+    await page.locator('.c-name', { hasText: 'bulk25@example.com' }).waitFor();
+
+    await page.goto(`${base.admin}/console/#/audit`);
+    await page.locator('tr[data-audit-id]').first().waitFor();
+    const first = await page.locator('tr[data-audit-id]').count();
+    expect(first).toBe(50);
+    const newest = Number(await page.locator('tr[data-audit-id]').first().getAttribute('data-audit-id'));
+    await page.getByRole('link', { name: 'Older entries' }).click();
+    await page.waitForURL(/cursor=/);
+    await page.locator(`tr[data-audit-id="${newest - 50}"]`).waitFor();
+    // Who: the signed-in admin's own changes only (the bulk users were the root key's).
+    const form = page.locator('#audit-filters');
+    await form.getByLabel('Who').fill('sso');
+    await form.getByRole('button', { name: 'Filter' }).click();
+    await page.waitForURL(/actor=sso/);
+    await page.locator('tr[data-audit-id]').first().waitFor();
+    expect(new Set(await page.locator('tr[data-audit-id] .c-actor').allInnerTexts())).toEqual(new Set([`${ADMIN.email} (signed in)`]));
+    // From a time in the future: nothing yet.
+    await form.getByLabel('From').fill('2099-01-01T00:00');
+    await form.getByRole('button', { name: 'Filter' }).click();
+    await page.locator('#audit-empty').waitFor();
+    expect(page.url()).toContain(`since=${encodeURIComponent(new Date('2099-01-01T00:00').toISOString())}`);
   });
 
   test('works at 390 px wide: no sideways scrolling on the lists or a user\'s page', async () => {

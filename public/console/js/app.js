@@ -47,7 +47,7 @@ let renderCount = 0;
 async function render() {
   const route = currentRoute();
   const available = VIEWS.filter((v) => can(v.scope));
-  let view = VIEWS.find((v) => v.path === route.parts[0]);
+  const view = VIEWS.find((v) => v.path === route.parts[0]);
   if (!view) {
     if (available.length === 0) return page(h('p', {}, 'Your sign-in holds none of the scopes this console shows (SSO_ADMIN_SCOPES).'));
     return navigate(available[0].path, undefined, message);
@@ -58,18 +58,20 @@ async function render() {
   hideSecret();
   const root = document.getElementById('view');
   const mine = ++renderCount;
-  root.textContent = '';
   root.setAttribute('aria-busy', 'true');
-  const ctx = { can, navigate, query: route.query, rerender: render, isCurrent: () => mine === renderCount };
+  const ctx = { can, navigate, query: route.query, rerender: render };
   try {
-    if (!can(view.scope)) {
-      root.appendChild(h('p', { class: 'note lacks' }, `You cannot see ${view.label.toLowerCase()}: your sign-in does not hold ${view.scope}.`));
-    } else {
-      const content = detail ? await userView(ctx, Number(route.parts[1])) : await view.render(ctx);
-      if (mine !== renderCount) return;
-      root.appendChild(content);
-    }
+    // The new view replaces the old one only once it is ready: after an action on a long page the
+    // reader stays where they were.
+    const content = !can(view.scope)
+      ? h('p', { class: 'note lacks' }, `You cannot see ${view.label.toLowerCase()}: your sign-in does not hold ${view.scope}.`)
+      : detail
+        ? await userView(ctx, Number(route.parts[1]))
+        : await view.render(ctx);
+    if (mine !== renderCount) return;
+    root.replaceChildren(content);
   } catch (err) {
+    if (mine === renderCount) root.replaceChildren();
     if (mine === renderCount) showError(err);
   } finally {
     if (mine === renderCount) root.removeAttribute('aria-busy');
