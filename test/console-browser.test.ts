@@ -88,6 +88,19 @@ function expectOnlyRefusals(status: number): void {
   problems.splice(refusal, 1);
 }
 
+/** Waits until the console shows a route matching `pattern`: the view marks the route it shows once it is ready. */
+async function shown(p: Page, pattern: RegExp): Promise<void> {
+  await p.waitForFunction((source) => new RegExp(source).test(((globalThis as unknown as InPage).document.getElementById('view').dataset.route as string | undefined) ?? ''), pattern.source);
+}
+
+const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+/** Opens a route of the console (`users/12`, `audit?action=…`) and waits until it is shown. */
+async function open(p: Page, origin: string, route: string): Promise<void> {
+  await p.goto(`${origin}/console/#/${route}`);
+  await shown(p, new RegExp(`^#/${escapeRegExp(route)}$`));
+}
+
 const noSidewaysScroll = (p: Page) =>
   p.evaluate(() => {
     const w = globalThis as unknown as InPage;
@@ -276,23 +289,23 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     await form.getByLabel('Action').selectOption('token.*');
     await form.getByLabel('Target').fill(`token:${tokenId}`);
     await form.getByRole('button', { name: 'Filter' }).click();
-    await page.waitForURL(/action=token/);
+    await shown(page, /action=token/);
     const rows = page.locator('tr[data-audit-id]');
     await rows.first().waitFor();
     expect(await rows.locator('.c-action').allInnerTexts()).toEqual(['token.revoked', 'token.minted']);
     expect(await rows.first().locator('.c-actor').innerText()).toContain(ADMIN.email);
     // Narrowed to the one action by its exact name in the URL (a link anyone can share).
-    await page.goto(`${base.admin}/console/#/audit?action=token.revoked&target=token:${tokenId}`);
+    await open(page, base.admin, `audit?action=token.revoked&target=token:${tokenId}`);
     await page.locator('tr[data-audit-id]').first().waitFor();
     expect(await page.locator('tr[data-audit-id] .c-action').allInnerTexts()).toEqual(['token.revoked']);
   });
 
   test('the users list finds the user by email, with their limits, and opens their page from the keyboard', async () => {
-    await page.goto(`${base.admin}/console/#/users`);
+    await open(page, base.admin, `users`);
     await page.locator('#users-title').waitFor();
     await page.getByLabel('Search by email').fill('ada@');
     await page.getByRole('button', { name: 'Search' }).click();
-    await page.waitForURL(/email=ada/);
+    await shown(page, /email=ada/);
     const row = userRow(page, 'ada@example.com');
     await row.waitFor();
     expect(await row.locator('.c-bots').innerText()).toBe('0 of 4');
@@ -354,7 +367,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     await page.locator('#nav').getByRole('link', { name: 'Tokens' }).click();
     await page.locator('#all-tokens-title').waitFor();
     await page.getByRole('link', { name: 'Never used' }).click();
-    await page.waitForURL(/filter=unused/);
+    await shown(page, /filter=unused/);
     await page.locator('#all-tokens-title', { hasText: 'never used' }).waitFor();
     expect(await page.locator('tr[data-token-id] .c-name').allInnerTexts()).toEqual(['short-lived']);
     await page.getByRole('link', { name: 'Expiring within 7 days' }).click();
@@ -362,16 +375,17 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     expect(await page.locator('tr[data-token-id] .c-name').allInnerTexts()).toEqual(['short-lived']);
     // Status and environment: the revoked test key.
     await page.getByRole('link', { name: 'All tokens' }).click();
+    await shown(page, /^#\/tokens$/);
     await page.locator('#token-filters').getByLabel('Status').selectOption('revoked');
     await page.locator('#token-filters').getByRole('button', { name: 'Filter' }).click();
-    await page.waitForURL(/status=revoked/);
+    await shown(page, /status=revoked/);
     await page.locator('tr[data-token-id]').first().waitFor();
     expect(await page.locator('tr[data-token-id] .c-name').allInnerTexts()).toEqual(['ci-runner']);
   });
 
   test('rotates a token with a grace period: both work, each links to the other; a change of allowlist takes effect', async () => {
     const minted = await curl('-X', 'POST', '-H', `X-Admin-API-Key: ${ADMIN_KEY}`, '-H', 'Content-Type: application/json', '-d', '{"name":"rotating"}', `${full.baseUrl}/admin/users/${userId}/tokens`);
-    await page.goto(`${base.admin}/console/#/users/${userId}`);
+    await open(page, base.admin, `users/${userId}`);
     await tokenRow(page, 'rotating').getByRole('button', { name: 'Rotate rotating' }).click();
     const dialog = page.locator('#confirm-dialog');
     await dialog.getByLabel('Grace period for the old token').selectOption('3600');
@@ -391,7 +405,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     expect(await link.innerText()).toMatch(/^replaced by #\d+$/);
     const newId = Number(/#(\d+)$/.exec(await link.innerText())![1]);
     await link.click();
-    await page.waitForURL(new RegExp(`focus=token-${newId}$`));
+    await shown(page, new RegExp(`focus=token-${newId}$`));
     const newRow = page.locator(`tr[data-token-id="${newId}"]`);
     await newRow.locator('.rotation-link', { hasText: `replaces #${minted.body.id}` }).waitFor();
     expect(await newRow.evaluate((row) => (globalThis as unknown as InPage).document.activeElement === row)).toBe(true);
@@ -424,7 +438,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
   });
 
   test('deleting the user asks first, naming them', async () => {
-    await page.goto(`${base.admin}/console/#/users/${userId}`);
+    await open(page, base.admin, `users/${userId}`);
     await page.getByRole('button', { name: 'Delete user' }).click();
     const dialog = page.locator('#confirm-dialog');
     expect(await dialog.locator('#confirm-title').innerText()).toBe('Delete ada@example.com?');
@@ -437,7 +451,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
   });
 
   test('an API refusal shows as a message in the page', async () => {
-    await page.goto(`${base.admin}/console/#/users`);
+    await open(page, base.admin, `users`);
     const form = page.locator('#create-user-form');
     await form.getByLabel('Email').fill('not-an-email');
     await form.getByRole('button', { name: 'Create user' }).click();
@@ -457,7 +471,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
       });
       expect(res.status).toBe(201);
     }
-    await page.goto(`${base.admin}/console/#/users?email=bulk`);
+    await open(page, base.admin, `users?email=bulk`);
     await page.locator('tr[data-user-id]').first().waitFor();
     const emails = async () => page.locator('tr[data-user-id] .c-name').allInnerTexts();
     expect((await emails()).slice(0, 2)).toEqual(['bulk00@example.com', 'bulk01@example.com']);
@@ -471,19 +485,19 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     await page.getByRole('button', { name: 'Previous page' }).click();
     await page.locator('.c-name', { hasText: 'bulk25@example.com' }).waitFor();
 
-    await page.goto(`${base.admin}/console/#/audit`);
+    await open(page, base.admin, `audit`);
     await page.locator('tr[data-audit-id]').first().waitFor();
     const first = await page.locator('tr[data-audit-id]').count();
     expect(first).toBe(50);
     const newest = Number(await page.locator('tr[data-audit-id]').first().getAttribute('data-audit-id'));
     await page.getByRole('link', { name: 'Older entries' }).click();
-    await page.waitForURL(/cursor=/);
+    await shown(page, /cursor=/);
     await page.locator(`tr[data-audit-id="${newest - 50}"]`).waitFor();
     // Who: the signed-in admin's own changes only (the bulk users were the root key's).
     const form = page.locator('#audit-filters');
     await form.getByLabel('Who').fill('sso');
     await form.getByRole('button', { name: 'Filter' }).click();
-    await page.waitForURL(/actor=sso/);
+    await shown(page, /actor=sso/);
     await page.locator('tr[data-audit-id]').first().waitFor();
     expect(new Set(await page.locator('tr[data-audit-id] .c-actor').allInnerTexts())).toEqual(new Set([`${ADMIN.email} (signed in)`]));
     // From a time in the future: nothing yet.
@@ -498,7 +512,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     await phone.setViewportSize({ width: 390, height: 800 });
     const created = await curl('-X', 'POST', '-H', `X-Admin-API-Key: ${ADMIN_KEY}`, '-H', 'Content-Type: application/json', '-d', '{"email":"phone@example.com"}', `${full.baseUrl}/admin/users`);
     for (const view of ['users', `users/${created.body.id}`, 'tokens', 'audit', 'admin-keys']) {
-      await phone.goto(`${base.admin}/console/#/${view}`);
+      await open(phone, base.admin, `${view}`);
       await phone.locator('#view h2').first().waitFor();
       expect([view, await noSidewaysScroll(phone)]).toEqual([view, true]);
     }
@@ -536,7 +550,7 @@ describe('the admin console for people without every scope', () => {
       'You cannot see this user\u2019s tokens: your sign-in does not hold tokens:read.',
     ]);
     // Typed into the address bar anyway: the view says what is missing instead of breaking.
-    await p.goto(`${base.reader}/console/#/audit`);
+    await open(p, base.reader, `audit`);
     await p.locator('.lacks', { hasText: 'audit:read' }).waitFor();
     await p.close();
   });

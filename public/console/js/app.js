@@ -58,11 +58,12 @@ async function render() {
   hideSecret();
   const root = document.getElementById('view');
   const mine = ++renderCount;
+  // Another route starts blank; the same one (after an action) keeps the old view until the new one
+  // is ready, so the reader stays where they were on a long page.
+  if (root.dataset.route !== window.location.hash) root.replaceChildren();
   root.setAttribute('aria-busy', 'true');
   const ctx = { can, navigate, query: route.query, rerender: render };
   try {
-    // The new view replaces the old one only once it is ready: after an action on a long page the
-    // reader stays where they were.
     const content = !can(view.scope)
       ? h('p', { class: 'note lacks' }, `You cannot see ${view.label.toLowerCase()}: your sign-in does not hold ${view.scope}.`)
       : detail
@@ -70,8 +71,13 @@ async function render() {
         : await view.render(ctx);
     if (mine !== renderCount) return;
     root.replaceChildren(content);
+    // Which route the view shows, once it shows it (what the browser tests wait for).
+    root.dataset.route = window.location.hash;
   } catch (err) {
-    if (mine === renderCount) root.replaceChildren();
+    if (mine === renderCount) {
+      root.replaceChildren();
+      root.dataset.route = window.location.hash;
+    }
     if (mine === renderCount) showError(err);
   } finally {
     if (mine === renderCount) root.removeAttribute('aria-busy');
