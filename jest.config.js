@@ -16,7 +16,7 @@
  *   (SIGTERM, slow and oversized requests); in the PostgreSQL run they would only run again unchanged.
  */
 const SYSTEM = ['docs-browser', 'sso-page-browser', 'console-browser', 'forward-auth-nginx', 'forward-auth-caddy', 'storage-faults'];
-const POSTGRES_ONLY = ['postgres-instances', 'migrate-data'];
+const POSTGRES_ONLY = ['postgres-instances', 'migrate-data', 'rate-limit-stores'];
 const SQLITE_ONLY = ['crash-safety', 'storage-faults', 'graceful-shutdown', 'http-limits'];
 
 const onPostgres = Boolean(process.env.KEYWARD_TEST_POSTGRES_URL);

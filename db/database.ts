@@ -21,6 +21,8 @@ export const MAX_ID = 2_147_483_647;
 export interface Storage {
   readonly db: Db;
   readonly dialect: 'sqlite' | 'postgres';
+  /** PostgreSQL: the schema keyward's tables are in when it is not the default (the tests'). */
+  readonly schema?: string;
   close(): Promise<void>;
 }
 
@@ -33,19 +35,34 @@ export function openDatabase(config: { databaseUrl: string | null; databasePath:
  * PostgreSQL through a pool. `schema` puts every table in that schema (created if missing) through the
  * connections' search_path: the tests give each app its own.
  */
-export function openPostgres(url: string, options: { poolSize?: number; schema?: string } = {}): Storage {
+/**
+ * A pool of connections to keyward's PostgreSQL database: the API's, and the shared rate-limit
+ * counters' own few (src/rate-limit/counters.ts), in the same schema.
+ */
+export function postgresPool(
+  url: string,
+  options: { max: number; schema?: string; connectionTimeoutMs?: number; statementTimeoutMs?: number; keepIdle?: boolean },
+): Pool {
   const pool = new Pool({
     connectionString: url,
-    max: options.poolSize ?? 10,
+    max: options.max,
     // Fail fast instead of queueing forever when the database is gone; the caller answers 503.
-    connectionTimeoutMillis: 5_000,
+    connectionTimeoutMillis: options.connectionTimeoutMs ?? 5_000,
     // bigint columns (counters, balances) and count(*) arrive as numbers: every value keyward keeps
     // stays far below 2^53.
     types: { getTypeParser: ((oid: number, format?: string) => (oid === INT8_OID ? Number : types.getTypeParser(oid, format as 'text'))) as typeof types.getTypeParser },
     ...(options.schema ? { options: `-c search_path=${options.schema}` } : {}),
+    ...(options.statementTimeoutMs ? { statement_timeout: options.statementTimeoutMs } : {}),
+    // node-postgres closes a connection idle for 10 s; `keepIdle` keeps them open instead.
+    ...(options.keepIdle ? { idleTimeoutMillis: 0 } : {}),
   });
   // An idle connection the server drops must not crash the process; the next query reconnects.
   pool.on('error', () => undefined);
+  return pool;
+}
+
+export function openPostgres(url: string, options: { poolSize?: number; schema?: string } = {}): Storage {
+  const pool = postgresPool(url, { max: options.poolSize ?? 10, schema: options.schema });
   const db = new Kysely<Database>({
     dialect: new PostgresDialect({
       pool: async () => {
@@ -61,7 +78,7 @@ export function openPostgres(url: string, options: { poolSize?: number; schema?:
       },
     }),
   });
-  return { db, dialect: 'postgres', close: () => db.destroy() };
+  return { db, dialect: 'postgres', schema: options.schema, close: () => db.destroy() };
 }
 
 /** How long SQLite waits for another process's lock before the request gets 503. */

@@ -36,6 +36,24 @@ async function postgresAnswers() {
   }
 }
 
+const REDIS_URL = process.env.KEYWARD_TEST_REDIS_URL || 'redis://127.0.0.1:6379';
+
+/** A PING over a plain socket: whether a Redis answers at REDIS_URL. */
+function redisAnswers() {
+  return new Promise((resolve) => {
+    let url;
+    try {
+      url = new URL(REDIS_URL);
+    } catch {
+      return resolve(false);
+    }
+    const socket = require('node:net').connect(Number(url.port || 6379), url.hostname, () => socket.write('PING\r\n'));
+    socket.setTimeout(3000, () => (socket.destroy(), resolve(false)));
+    socket.once('data', (d) => (socket.destroy(), resolve(d.toString().startsWith('+PONG'))));
+    socket.once('error', () => resolve(false));
+  });
+}
+
 async function main() {
   const packages = [];
   const problems = [];
@@ -51,12 +69,14 @@ async function main() {
   need(onPath('mkfs.ext4') && onPath('chattr') && onPath('e2fsck'), 'mkfs.ext4, e2fsck and chattr (storage faults)', 'e2fsprogs');
   need(onPath('losetup') && onPath('fallocate'), 'losetup and fallocate (storage faults)', 'util-linux');
   need(onPath('mount') && onPath('umount'), 'mount and umount (storage faults)', 'mount');
+  need(executable('/usr/bin/redis-server'), '/usr/bin/redis-server (the rate-limit store outage test starts one of its own)', 'redis-server');
   const root = process.getuid?.() === 0;
   need(root, 'root: the storage-fault tests mount tmpfs and ext4 loop devices and set chattr +i');
   need(await postgresAnswers(), `a PostgreSQL server at ${POSTGRES_URL.replace(/\/\/[^@/]*@/, '//…@')} (set KEYWARD_TEST_POSTGRES_URL; the role must be able to create schemas)`);
+  need(await redisAnswers(), `a Redis server at ${REDIS_URL.replace(/\/\/[^@/]*@/, '//…@')} (set KEYWARD_TEST_REDIS_URL, or start one: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no)`);
 
   if (problems.length === 0) {
-    console.log('test:system: chromium, nginx, caddy, filesystem tools, root and PostgreSQL are here');
+    console.log('test:system: chromium, nginx, caddy, redis, filesystem tools, root, PostgreSQL and Redis are here');
     return;
   }
   const lines = [`test:system cannot run: missing ${problems.join('; ')}.`];

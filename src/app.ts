@@ -35,6 +35,7 @@ import { ssoHandlers } from './sso/sso.routes';
 import { SsoService } from './sso/sso.service';
 import { meHandlers } from './me/me.routes';
 import { listOperations, loadSpec } from './openapi/spec';
+import { type Counters, openCounters } from './rate-limit/counters';
 import { RateLimits } from './rate-limit/rate-limits';
 import { bcryptHasher, type SecretHasher } from './tokens/secret-hasher';
 import { LastUseRecorder } from './tokens/last-use';
@@ -51,6 +52,8 @@ export interface AppDeps {
   hasher?: SecretHasher;
   logger?: Logger;
   lifecycle?: Lifecycle;
+  /** Where the rate limits count; default: what RATE_LIMIT_STORE names. */
+  rateLimitCounters?: Counters;
 }
 
 /** The request listener (the verification lane, then Express) and the parts tests and shutdown reach. */
@@ -86,7 +89,8 @@ export function createApp(deps: AppDeps): KeywardApp {
   const usage = new UsageService({ db, clock, recorder: usageRecorder });
   const audit = new AuditLog({ db, clock, logger, retentionSeconds: config.auditRetentionSeconds });
   // An address blocked for wrong keys keeps trying: those attempts are failures too (code RATE_LIMITED).
-  const limits = new RateLimits(config, (ip) => audit.authFailed(ip, 'RATE_LIMITED'));
+  const counters = deps.rateLimitCounters ?? openCounters(config, logger);
+  const limits = new RateLimits(config, (ip) => audit.authFailed(ip, 'RATE_LIMITED'), counters);
   const bots = new BotsService({ db, clock, logger, retentionSeconds: config.botRetentionSeconds, creditsPerBot: config.creditsPerBot });
   const sso = new SsoService({
     db,
@@ -152,7 +156,7 @@ export function createApp(deps: AppDeps): KeywardApp {
     operations,
     {
       ...lean,
-      ...healthHandlers(db, lifecycle),
+      ...healthHandlers(db, lifecycle, () => counters.state()),
       ...usersHandlers(users),
       ...tokensHandlers(tokens),
       ...selfServiceTokensHandlers(tokens),
@@ -186,6 +190,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   usageRecorder.start();
   audit.start();
   bots.start();
+  counters.start();
 
   app.use(() => {
     throw new AppError(404, 'NOT_FOUND', 'No such route.');
@@ -201,7 +206,7 @@ export function createApp(deps: AppDeps): KeywardApp {
   };
   const stopBackground = async () => {
     bots.stop();
-    await Promise.all([lastUse.stop(), adminLastUse.stop(), usageRecorder.stop(), audit.stop()]);
+    await Promise.all([lastUse.stop(), adminLastUse.stop(), usageRecorder.stop(), audit.stop(), counters.close()]);
   };
   return Object.assign(listener, { verifier, lastUse, adminLastUse, usage: usageRecorder, bots, audit, stopBackground });
 }

@@ -4,6 +4,9 @@ import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { ADMIN_SCOPES, type AdminScope, isAdminScope } from './admin-keys/admin-scopes';
 
+export type RateLimitStoreKind = 'memory' | 'postgres' | 'redis';
+const RATE_LIMIT_STORES: readonly RateLimitStoreKind[] = ['memory', 'postgres', 'redis'];
+
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 export type TrustProxy = false | number | string[];
 
@@ -41,6 +44,14 @@ export interface Config {
   readonly authFailuresPerMinute: number;
   /** Requests a minute on /admin per client address. */
   readonly adminRateLimitPerMinute: number;
+  /** Where the rate limits count: this process's memory, or a store every instance shares. */
+  readonly rateLimitStore: RateLimitStoreKind;
+  /** redis://… for RATE_LIMIT_STORE=redis; null: not set. */
+  readonly redisUrl: string | null;
+  /** Longest a request waits for the shared store before counting in memory instead. */
+  readonly rateLimitStoreTimeoutMs: number;
+  /** Prefix of the shared store's keys. */
+  readonly rateLimitStorePrefix: string;
   /** How long finished bots stay visible, in seconds. */
   readonly botRetentionSeconds: number;
   /** Socket addresses/CIDRs of the SSO proxy whose identity headers are believed; empty: SSO off. */
@@ -202,6 +213,19 @@ function ssoSecret(raw: string, name: string): Parsed<Buffer | null> {
   return ok(createHash('sha256').update(raw).digest());
 }
 
+function redisUrl(raw: string, name: string): Parsed<string | null> {
+  if (raw.trim() === '') return ok(null);
+  let url: URL;
+  try {
+    url = new URL(raw.trim());
+  } catch {
+    return bad(`${name} must be a redis://[:password@]host:6379[/db] URL`);
+  }
+  // The message never repeats the value: it may hold a password.
+  if (url.protocol !== 'redis:' && url.protocol !== 'rediss:') return bad(`${name} must start with redis:// or rediss://`);
+  return ok(raw.trim());
+}
+
 function databaseUrl(raw: string, name: string): Parsed<string | null> {
   if (raw.trim() === '') return ok(null);
   let url: URL;
@@ -298,6 +322,16 @@ export const VARIABLES: readonly Variable[] = [
     doc: 'Wrong API or admin keys a client address may send a minute; past it, its unknown keys get 429 without any lookup.' },
   { name: 'ADMIN_RATE_LIMIT_PER_MINUTE', key: 'adminRateLimitPerMinute', default: '1200', parse: integer(1, 1_000_000),
     doc: 'Admin API requests a minute per client address.' },
+  { name: 'RATE_LIMIT_STORE', key: 'rateLimitStore', default: 'memory',
+    doc: 'Where all three rate limits count: memory (each instance its own), postgres (the DATABASE_URL database) or redis (REDIS_URL), shared by every instance.',
+    parse: (raw, name) => ((RATE_LIMIT_STORES as readonly string[]).includes(raw) ? ok(raw as RateLimitStoreKind) : bad(`${name} must be one of ${RATE_LIMIT_STORES.join(', ')}, got "${raw}"`)) },
+  { name: 'REDIS_URL', secret: true, key: 'redisUrl', default: '', parse: redisUrl,
+    doc: 'redis://[:password@]host:6379[/db] for RATE_LIMIT_STORE=redis (rediss:// for TLS).' },
+  { name: 'RATE_LIMIT_STORE_TIMEOUT_MS', key: 'rateLimitStoreTimeoutMs', default: '50', parse: integer(1, 5_000),
+    doc: 'Longest a request waits for the shared rate-limit store; slower or down, the instance counts in its own memory until the store answers again.' },
+  { name: 'RATE_LIMIT_STORE_PREFIX', key: 'rateLimitStorePrefix', default: 'keyward',
+    doc: 'Prefix of the shared store\'s keys; give each keyward deployment that shares one Redis or database its own.',
+    parse: (raw, name) => (/^[A-Za-z0-9_.-]{1,64}$/.test(raw) ? ok(raw) : bad(`${name} must be 1 to 64 letters, digits, dots, dashes or underscores, got "${raw}"`)) },
   { name: 'BOT_RETENTION', key: 'botRetentionSeconds', default: '7d', parse: duration(3600, 31_536_000),
     doc: 'How long released and expired bots stay visible before they are deleted (e.g. 7d, 48h).' },
   { name: 'SSO_TRUSTED_PROXIES', key: 'ssoTrustedProxies', default: '', parse: ssoProxies,
@@ -395,6 +429,12 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   // Identity headers are believed only from the proxy: without one, nobody could be an SSO admin.
   if (((values.ssoAdminGroups as string[] | undefined) ?? []).length > 0 && ((values.ssoTrustedProxies as string[] | undefined) ?? []).length === 0) {
     problems.push('SSO_ADMIN_GROUPS needs SSO_TRUSTED_PROXIES: identity headers are believed only from the sign-in proxy');
+  }
+  if (values.rateLimitStore === 'postgres' && !values.databaseUrl) {
+    problems.push('RATE_LIMIT_STORE=postgres counts in the PostgreSQL database: set DATABASE_URL, or use redis or memory');
+  }
+  if (values.rateLimitStore === 'redis' && !values.redisUrl) {
+    problems.push('RATE_LIMIT_STORE=redis needs REDIS_URL, e.g. redis://127.0.0.1:6379');
   }
   if ((values.headersTimeoutMs as number) > (values.requestTimeoutMs as number)) {
     problems.push('HTTP_HEADERS_TIMEOUT_SECONDS must not be longer than HTTP_REQUEST_TIMEOUT_SECONDS: the headers are part of the request');

@@ -8,10 +8,10 @@ import { join } from 'node:path';
 
 const SCRIPT = join(__dirname, '..', 'scripts', 'check-system.js');
 
-test('without the filesystem tools or a PostgreSQL server it names each, with the apt-get line, and exits 1', () => {
+test('without the filesystem tools, a PostgreSQL or a Redis server it names each, with the apt-get line, and exits 1', () => {
   const result = spawnSync(process.execPath, [SCRIPT], {
     // No PATH: mkfs.ext4, chattr, losetup, mount… cannot be found. Port 1: nothing listens there.
-    env: { PATH: '', KEYWARD_TEST_POSTGRES_URL: 'postgres://nobody:pw@127.0.0.1:1/none' },
+    env: { PATH: '', KEYWARD_TEST_POSTGRES_URL: 'postgres://nobody:pw@127.0.0.1:1/none', KEYWARD_TEST_REDIS_URL: 'redis://:secret@127.0.0.1:1' },
     encoding: 'utf8',
     timeout: 20_000,
   });
@@ -23,6 +23,8 @@ test('without the filesystem tools or a PostgreSQL server it names each, with th
   expect(message).toContain('losetup and fallocate (storage faults)');
   expect(message).toContain('a PostgreSQL server at postgres://…@127.0.0.1:1/none');
   expect(message).not.toContain('nobody:pw');
+  expect(message).toContain('a Redis server at redis://…@127.0.0.1:1');
+  expect(message).not.toContain('secret');
   expect(message).toMatch(/\nOn Debian or Ubuntu: apt-get install -y [a-z0-9 -]*\be2fsprogs\b[a-z0-9 -]*\butil-linux\b/);
   expect(message).toContain('npm test runs everything else and needs only Node.');
   if (process.getuid?.() !== 0) expect(message).toContain('Run it as root');

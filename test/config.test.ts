@@ -529,7 +529,7 @@ describe('secrets from files (_FILE)', () => {
   });
   afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
-  const SECRETS = ['ADMIN_API_TOKEN', 'ADMIN_API_TOKEN_NEXT', 'DATABASE_URL', 'SSO_SHARED_SECRET', 'METRICS_TOKEN'];
+  const SECRETS = ['ADMIN_API_TOKEN', 'ADMIN_API_TOKEN_NEXT', 'DATABASE_URL', 'REDIS_URL', 'SSO_SHARED_SECRET', 'METRICS_TOKEN'];
 
   it('is offered for exactly the secret settings', () => {
     expect(VARIABLES.filter((v) => v.secret).map((v) => v.name)).toEqual(SECRETS);
@@ -547,6 +547,7 @@ describe('secrets from files (_FILE)', () => {
       ADMIN_API_TOKEN_FILE: secretFile('admin', `${GOOD_KEY}\n`),
       ADMIN_API_TOKEN_NEXT_FILE: secretFile('next', `${next}\r\n`),
       DATABASE_URL_FILE: secretFile('db', 'postgres://keyward:pa ss@db:5432/keyward\n'),
+      REDIS_URL_FILE: secretFile('redis', 'redis://:s3cret@redis:6379/2\n'),
       SSO_SHARED_SECRET_FILE: secretFile('sso', 'sso-shared-secret-of-at-least-32-chars'),
       METRICS_TOKEN_FILE: secretFile('metrics', 'metrics-token-of-at-least-32-characters\n\n'),
     });
@@ -554,6 +555,7 @@ describe('secrets from files (_FILE)', () => {
     expect(config.adminKeyDigest).toEqual(sha(GOOD_KEY));
     expect(config.adminKeyNextDigest).toEqual(sha(next));
     expect(config.databaseUrl).toBe('postgres://keyward:pa ss@db:5432/keyward');
+    expect(config.redisUrl).toBe('redis://:s3cret@redis:6379/2');
     expect(config.ssoSharedSecretDigest).toEqual(sha('sso-shared-secret-of-at-least-32-chars'));
     expect(config.metricsTokenDigest).toEqual(sha('metrics-token-of-at-least-32-characters'));
   });
@@ -593,5 +595,39 @@ describe('secrets from files (_FILE)', () => {
       chmodSync(locked, 0o000);
       expect(configErrorFor({ ADMIN_API_TOKEN_FILE: locked }).problems).toEqual([`ADMIN_API_TOKEN_FILE names ${locked}, which cannot be read (EACCES)`]);
     }
+  });
+});
+
+describe('RATE_LIMIT_STORE', () => {
+  it('defaults to memory, with a 50 ms bound and the keyward prefix for the shared stores', () => {
+    const config = loadConfig({ ADMIN_API_TOKEN: GOOD_KEY });
+    expect([config.rateLimitStore, config.redisUrl, config.rateLimitStoreTimeoutMs, config.rateLimitStorePrefix]).toEqual(['memory', null, 50, 'keyward']);
+  });
+
+  it('postgres needs DATABASE_URL, redis needs REDIS_URL; each names the fix', () => {
+    expect(configErrorFor({ ADMIN_API_TOKEN: GOOD_KEY, RATE_LIMIT_STORE: 'postgres' }).problems).toEqual([
+      'RATE_LIMIT_STORE=postgres counts in the PostgreSQL database: set DATABASE_URL, or use redis or memory',
+    ]);
+    expect(configErrorFor({ ADMIN_API_TOKEN: GOOD_KEY, RATE_LIMIT_STORE: 'redis' }).problems).toEqual(['RATE_LIMIT_STORE=redis needs REDIS_URL, e.g. redis://127.0.0.1:6379']);
+    const config = loadConfig({ ADMIN_API_TOKEN: GOOD_KEY, RATE_LIMIT_STORE: 'redis', REDIS_URL: 'rediss://:pw@cache.internal:6380/2' });
+    expect([config.rateLimitStore, config.redisUrl]).toEqual(['redis', 'rediss://:pw@cache.internal:6380/2']);
+  });
+
+  it('refuses an unknown store, a URL that is not Redis\'s (never repeating it), a bound out of range and a bad prefix', () => {
+    const problems = configErrorFor({
+      ADMIN_API_TOKEN: GOOD_KEY,
+      RATE_LIMIT_STORE: 'memcached',
+      REDIS_URL: 'http://:hunter2@cache:6379',
+      RATE_LIMIT_STORE_TIMEOUT_MS: '0',
+      RATE_LIMIT_STORE_PREFIX: 'key ward',
+    }).problems;
+    expect(problems).toEqual([
+      'RATE_LIMIT_STORE must be one of memory, postgres, redis, got "memcached"',
+      'REDIS_URL must start with redis:// or rediss://',
+      expect.stringMatching(/^RATE_LIMIT_STORE_TIMEOUT_MS must be/),
+      'RATE_LIMIT_STORE_PREFIX must be 1 to 64 letters, digits, dots, dashes or underscores, got "key ward"',
+    ]);
+    expect(problems.join('\n')).not.toContain('hunter2');
+    expect(configErrorFor({ ADMIN_API_TOKEN: GOOD_KEY, REDIS_URL: 'not a url :pw@' }).problems).toEqual(['REDIS_URL must be a redis://[:password@]host:6379[/db] URL']);
   });
 });

@@ -144,7 +144,7 @@ describe('headers on every response', () => {
 describe('health, readiness and docs', () => {
   test('/healthz and /readyz answer 200 without credentials', async () => {
     expect((await request(ctx.app).get('/healthz')).body).toEqual({ status: 'ok' });
-    expect((await request(ctx.app).get('/readyz')).body).toEqual({ status: 'ok' });
+    expect((await request(ctx.app).get('/readyz')).body).toEqual({ status: 'ok', rate_limit_store: { kind: 'memory', up: true } });
   });
 
   test('/openapi.json serves the contract and /docs serves Swagger UI', async () => {

@@ -350,6 +350,11 @@ describe('what /metrics counts', () => {
     expect(a.get('keyward_auth_outcomes_total', { api: 'admin', outcome: 'RATE_LIMITED' })).toBe(2);
   });
 
+  test('keyward_rate_limit_store_up is 1 for memory, labelled with the store', async () => {
+    const s = await scrape(await app());
+    expect(s.samples.filter((x) => x.name === 'keyward_rate_limit_store_up')).toEqual([{ name: 'keyward_rate_limit_store_up', labels: { store: 'memory' }, value: 1 }]);
+  });
+
   test('keyward_active_bots follows acquire, release and leases running out', async () => {
     const ctx = await app();
     const active = async () => (await scrape(ctx)).get('keyward_active_bots');
@@ -425,6 +430,7 @@ describe('what /metrics counts', () => {
       ['keyward_http_request_duration_seconds', 'histogram'],
       ['keyward_auth_outcomes_total', 'counter'],
       ['keyward_rate_limit_rejections_total', 'counter'],
+      ['keyward_rate_limit_store_up', 'gauge'],
       ['keyward_active_bots', 'gauge'],
       ['keyward_database_size_bytes', 'gauge'],
     ] as const) {

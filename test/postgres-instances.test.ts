@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { Client } from 'pg';
 import { migrationProvider } from '../db/migrations';
 import { POSTGRES_URL } from './helpers/app';
+import { useFreshSchema, type TestSchema } from './helpers/postgres-schema';
 import { assertBuilt, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
 /**
@@ -30,74 +31,8 @@ const OVER_LIMIT = '429 CONCURRENCY_LIMIT_EXCEEDED';
 const TOKEN_CAP = 5;
 const OVER_CAP = '409 CONFLICT';
 
-// ---------------------------------------------------------------------------------------------------
-// a schema of one's own
-
-/**
- * The connection string the servers get: the test database with the schema as search_path, through
- * the `options` startup parameter (node-postgres passes it on; the first test checks it arrives). The
- * schema's name is also the connections' application_name, so pg_stat_activity tells them apart.
- */
-function schemaUrl(schema: string): string {
-  const base = POSTGRES_URL ?? '';
-  return `${base}${base.includes('?') ? '&' : '?'}options=${encodeURIComponent(`-c search_path=${schema}`)}&application_name=${schema}`;
-}
-
 /** The session-level advisory lock Kysely's Migrator takes on PostgreSQL (PostgresAdapter's LOCK_ID). */
 const KYSELY_MIGRATION_LOCK = '3853314791062309107';
-
-interface TestSchema {
-  readonly name: string;
-  /** DATABASE_URL for servers on this schema. */
-  readonly url: string;
-  /** A query on the test's own connection (not on the schema's search_path: name tables as `${q}.bots`). */
-  query<R extends Record<string, unknown> = Record<string, any>>(text: string, params?: unknown[]): Promise<R[]>;
-  /** The schema, quoted, to qualify table names with. */
-  readonly q: string;
-  /** A second connection, for watching while the first is busy. */
-  connect(): Promise<Client>;
-}
-
-/**
- * A fresh, empty schema for the enclosing describe: created before its tests (with the `pg` client,
- * not by keyward) and dropped with everything in it afterwards, once the servers are gone.
- */
-function useFreshSchema(label: string): TestSchema {
-  const name = `kw_inst_${label}_${process.pid}_${randomBytes(4).toString('hex')}`;
-  let client: Client | undefined;
-  const extra: Client[] = [];
-  const schema: TestSchema = {
-    name,
-    url: schemaUrl(name),
-    q: `"${name}"`,
-    query: async (text, params) => {
-      if (!client) throw new Error('the schema is not set up yet');
-      return (await client.query(text, params)).rows;
-    },
-    connect: async () => {
-      const c = new Client({ connectionString: POSTGRES_URL });
-      await c.connect();
-      extra.push(c);
-      return c;
-    },
-  };
-  beforeAll(async () => {
-    assertBuilt();
-    client = new Client({ connectionString: POSTGRES_URL });
-    await client.connect();
-    await client.query(`create schema "${name}"`);
-  });
-  afterAll(async () => {
-    await stopServers();
-    for (const c of extra.splice(0)) await c.end().catch(() => undefined);
-    if (client) {
-      await client.query(`drop schema if exists "${name}" cascade`);
-      await client.end();
-    }
-    removeTempDirs();
-  });
-  return schema;
-}
 
 // ---------------------------------------------------------------------------------------------------
 // server processes
@@ -201,7 +136,7 @@ function interleave<T>(items: T[], seed: number): T[] {
 // ---------------------------------------------------------------------------------------------------
 
 describe('startup: several instances started at once on an empty database', () => {
-  const schemas = [useFreshSchema('migrate_a'), useFreshSchema('migrate_b')];
+  const schemas = [useFreshSchema('migrate_a', stopServers), useFreshSchema('migrate_b', stopServers)];
 
   /**
    * Runs `start` while a session of the test's own holds Kysely's migration lock, until `n`
@@ -278,7 +213,7 @@ describe('startup: several instances started at once on an empty database', () =
 
       for (const s of [0, 1, 2]) {
         const ready = await call(s, 'GET', '/readyz', {});
-        expect({ round, server: s, status: ready.status, body: ready.body }).toEqual({ round, server: s, status: 200, body: { status: 'ok' } });
+        expect({ round, server: s, status: ready.status, body: ready.body }).toEqual({ round, server: s, status: 200, body: { status: 'ok', rate_limit_store: { kind: 'memory', up: true } } });
         expect(servers[s]!.logs).not.toMatch(/cannot open or migrate|migration .* failed/);
       }
 
@@ -318,7 +253,7 @@ describe('startup: several instances started at once on an empty database', () =
 // ---------------------------------------------------------------------------------------------------
 
 describe('bot admission is exact across 3 instances on one database', () => {
-  const schema = useFreshSchema('bots');
+  const schema = useFreshSchema('bots', stopServers);
   let servers: ServerProcess[] = [];
   const call = caller(() => servers);
   const N = 3;
@@ -475,7 +410,7 @@ describe('bot admission is exact across 3 instances on one database', () => {
 // ---------------------------------------------------------------------------------------------------
 
 describe('MAX_TOKENS_PER_USER holds exactly across 3 instances', () => {
-  const schema = useFreshSchema('tokens');
+  const schema = useFreshSchema('tokens', stopServers);
   let servers: ServerProcess[] = [];
   const call = caller(() => servers);
   const N = 3;
@@ -592,7 +527,7 @@ describe('MAX_TOKENS_PER_USER holds exactly across 3 instances', () => {
 // ---------------------------------------------------------------------------------------------------
 
 describe('what one instance changes, the other enforces on its very next request', () => {
-  const schema = useFreshSchema('state');
+  const schema = useFreshSchema('state', stopServers);
   let servers: ServerProcess[] = [];
   const call = caller(() => servers);
 

@@ -5,6 +5,7 @@ import * as botsAndRateLimits from './20261123-0003-bots-and-rate-limits';
 import * as ssoSubject from './20261123-0004-sso-subject';
 import * as auditUsageCredits from './20261123-0005-audit-usage-credits';
 import * as adminKeys from './20261204-0006-admin-keys';
+import * as rateLimits from './20261204-0007-rate-limits';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -17,6 +18,7 @@ const MIGRATIONS: Record<string, Migration> = {
   '20261123-0004-sso-subject': ssoSubject,
   '20261123-0005-audit-usage-credits': auditUsageCredits,
   '20261204-0006-admin-keys': adminKeys,
+  '20261204-0007-rate-limits': rateLimits,
 };
 
 export const migrationProvider: MigrationProvider = {

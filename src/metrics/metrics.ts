@@ -98,6 +98,17 @@ export class Metrics {
       },
     });
     new Gauge({
+      name: 'keyward_rate_limit_store_up',
+      help: 'Whether the rate limits count in the store RATE_LIMIT_STORE names (label store): 1 yes, 0 no (the shared store does not answer and each instance counts its own). Always 1 for memory.',
+      labelNames: ['store'],
+      registers,
+      collect() {
+        this.reset();
+        const state = sources.limits.counters.state();
+        this.set({ store: state.kind }, state.up ? 1 : 0);
+      },
+    });
+    new Gauge({
       name: 'keyward_active_bots',
       help: 'Bots holding a slot right now, all users.',
       registers,

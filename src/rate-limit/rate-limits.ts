@@ -1,26 +1,7 @@
 import type { ServerResponse } from 'node:http';
-import { RateLimiterMemory } from 'rate-limiter-flexible';
 import { AppError } from '../http/errors';
 import { clientNetwork } from '../tokens/ip-allowlist';
-
-const WINDOW_SECONDS = 60;
-
-/**
- * Counting is rate-limiter-flexible's job (fixed one-minute windows, expiring keys); the limit is
- * compared here, so one counter serves users whose limits differ and a changed limit applies to the
- * current window at once. The counters live in this process: with several processes behind one
- * balancer, each counts on its own (see the README).
- */
-function counter(): RateLimiterMemory {
-  return new RateLimiterMemory({ points: Number.MAX_SAFE_INTEGER, duration: WINDOW_SECONDS });
-}
-
-interface Window {
-  consumed: number;
-  resetSeconds: number;
-}
-
-const seconds = (ms: number) => Math.max(1, Math.ceil(ms / 1000));
+import { type Counter, type Counters, memoryCounters, type Window } from './counters';
 
 function rateLimited(message: string, window: Window, details: Record<string, unknown> = {}): AppError {
   return new AppError(429, 'RATE_LIMITED', message, { ...details, retry_after: window.resetSeconds }, { 'Retry-After': String(window.resetSeconds) });
@@ -33,10 +14,15 @@ function setHeaders(res: ServerResponse, limit: number, window: Window): void {
   res.setHeader('RateLimit-Reset', String(window.resetSeconds));
 }
 
+/**
+ * The three limits: a user's requests a minute on /v1, an address's on /admin, and the wrong keys an
+ * address may send. The counting happens in RATE_LIMIT_STORE (counters.ts): this process's memory, or
+ * a store every instance shares, so that N instances together admit the limit once.
+ */
 export class RateLimits {
-  private readonly users = counter();
-  private readonly admin = counter();
-  private readonly failures = counter();
+  private readonly users: Counter;
+  private readonly admin: Counter;
+  private readonly failures: Counter;
   /** Requests refused by each limit since start, for /metrics. */
   readonly rejections = { user: 0, admin: 0, auth_failures: 0 };
 
@@ -44,16 +30,16 @@ export class RateLimits {
     private readonly config: { authFailuresPerMinute: number; adminRateLimitPerMinute: number },
     /** Told of each attempt refused because its address sent too many wrong keys (the audit log counts them). */
     private readonly onWrongKeyRefused: (ip: string) => void = () => undefined,
-  ) {}
-
-  private async count(limiter: RateLimiterMemory, key: string): Promise<Window> {
-    const res = await limiter.consume(key);
-    return { consumed: res.consumedPoints, resetSeconds: seconds(res.msBeforeNext) };
+    readonly counters: Counters = memoryCounters(),
+  ) {
+    this.users = counters.counter('user');
+    this.admin = counters.counter('admin');
+    this.failures = counters.counter('auth_failures');
   }
 
   /** Counts one /v1 request of a user; past `limit` this minute, 429. A limit of 0 refuses everything. */
   async userRequest(userId: number, limit: number, res: ServerResponse): Promise<void> {
-    const window = await this.count(this.users, String(userId));
+    const window = await this.users.consume(String(userId), limit);
     setHeaders(res, limit, window);
     if (window.consumed > limit) {
       this.rejections.user++;
@@ -64,7 +50,7 @@ export class RateLimits {
   /** Counts one admin request from an address. */
   async adminRequest(ip: string, res: ServerResponse): Promise<void> {
     const limit = this.config.adminRateLimitPerMinute;
-    const window = await this.count(this.admin, clientNetwork(ip));
+    const window = await this.admin.consume(clientNetwork(ip), limit);
     setHeaders(res, limit, window);
     if (window.consumed > limit) {
       this.rejections.admin++;
@@ -74,7 +60,7 @@ export class RateLimits {
 
   /** Records a wrong key sent from an address. */
   async authFailed(ip: string): Promise<void> {
-    await this.failures.consume(clientNetwork(ip));
+    await this.failures.consume(clientNetwork(ip), this.config.authFailuresPerMinute);
   }
 
   /**
@@ -83,18 +69,15 @@ export class RateLimits {
    * ones already answered. `attemptSucceeded` gives the count back when the key proves good.
    */
   async reserveAttempt(ip: string): Promise<AppError | undefined> {
-    const res = await this.failures.consume(clientNetwork(ip));
-    if (res.consumedPoints <= this.config.authFailuresPerMinute) return undefined;
+    const window = await this.failures.consume(clientNetwork(ip), this.config.authFailuresPerMinute);
+    if (window.consumed <= this.config.authFailuresPerMinute) return undefined;
     this.rejections.auth_failures++;
     this.onWrongKeyRefused(ip);
-    return rateLimited('Too many wrong keys from this address; try again later.', {
-      consumed: res.consumedPoints,
-      resetSeconds: seconds(res.msBeforeNext),
-    });
+    return rateLimited('Too many wrong keys from this address; try again later.', window);
   }
 
   async attemptSucceeded(ip: string): Promise<void> {
-    await this.failures.reward(clientNetwork(ip));
+    await this.failures.reward(clientNetwork(ip), this.config.authFailuresPerMinute);
   }
 
   /**
@@ -102,13 +85,10 @@ export class RateLimits {
    * address may still do (a key this process already knows), and refuses the rest with this error.
    */
   async blocked(ip: string): Promise<AppError | undefined> {
-    const res = await this.failures.get(clientNetwork(ip));
-    if (!res || res.consumedPoints < this.config.authFailuresPerMinute) return undefined;
+    const window = await this.failures.get(clientNetwork(ip), this.config.authFailuresPerMinute);
+    if (!window || window.consumed < this.config.authFailuresPerMinute) return undefined;
     this.rejections.auth_failures++;
     this.onWrongKeyRefused(ip);
-    return rateLimited(
-      'Too many wrong keys from this address; try again later.',
-      { consumed: res.consumedPoints, resetSeconds: seconds(res.msBeforeNext) },
-    );
+    return rateLimited('Too many wrong keys from this address; try again later.', window);
   }
 }
