@@ -202,6 +202,23 @@ async function postgresSchema(): Promise<{ url: string; drop: () => Promise<void
   };
 }
 
+/** Redis for the shared rate-limit rows, if one answers (KEYWARD_BENCH_REDIS_URL, default the local one). */
+const REDIS_URL = process.env.KEYWARD_BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379';
+
+async function redisAnswers(): Promise<boolean> {
+  const { Redis } = await import('ioredis');
+  const client = new Redis(REDIS_URL, { lazyConnect: true, connectTimeout: 2000, maxRetriesPerRequest: 0, retryStrategy: () => null });
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+    return (await client.ping()) === 'PONG';
+  } catch {
+    return false;
+  } finally {
+    client.disconnect();
+  }
+}
+
 function tokenFor(selector: string, secret: string): string {
   const body = `kw_live_${selector}_${secret}`;
   return body + checksum(body);
@@ -347,6 +364,8 @@ async function main(): Promise<void> {
   const pg = await postgresSchema();
   let pgWarmToken = '';
   let pgInstances: Array<{ base: string; pid: number }> = [];
+  /** Two instances on the PostgreSQL database per RATE_LIMIT_STORE (memory: pgInstances). */
+  const byStore: Record<string, Array<{ base: string; pid: number }>> = {};
   if (pg) {
     log('starting two instances on PostgreSQL');
     const pgEnv = { ADMIN_API_TOKEN: ADMIN_KEY, DATABASE_URL: pg.url, LOG_LEVEL: 'info', AUTH_FAILURES_PER_MINUTE: '10000000' };
@@ -354,6 +373,16 @@ async function main(): Promise<void> {
     const pgUser = await api(pgInstances[0]!.base, 'POST', '/admin/users', { email: 'bench@example.com', rate_limit_per_minute: 1_000_000, max_concurrent_bots: 1000 });
     pgWarmToken = (await api(pgInstances[0]!.base, 'POST', `/admin/users/${pgUser.id}/tokens`)).token as string;
     for (const instance of pgInstances) await warm(instance.base, [pgWarmToken]);
+    byStore.memory = pgInstances;
+    // The same database with the rate limits shared: in it, and in Redis if one answers.
+    const stores = ['postgres', ...((await redisAnswers()) ? ['redis'] : [])];
+    if (!stores.includes('redis')) log(`no Redis at ${REDIS_URL}: the Redis rows are left out`);
+    for (const store of stores) {
+      log(`starting two instances with RATE_LIMIT_STORE=${store}`);
+      const env = { ...pgEnv, RATE_LIMIT_STORE: store, REDIS_URL, RATE_LIMIT_STORE_PREFIX: `bench-${randomBytes(4).toString('hex')}` };
+      byStore[store] = [await startProcess(`keyward-${store}-1`, serverArgs, env, dir, '/readyz'), await startProcess(`keyward-${store}-2`, serverArgs, env, dir, '/readyz')];
+      for (const instance of byStore[store]!) await warm(instance.base, [pgWarmToken]);
+    }
   } else {
     log(`no PostgreSQL at ${PG_URL}: the PostgreSQL rows are left out`);
   }
@@ -377,6 +406,17 @@ async function main(): Promise<void> {
         },
       },
     );
+  }
+
+  // A warm GET /v1/me per rate-limit store: one instance alone, then two at once (memory's two is pgWarm).
+  const warmOn = (instances: Array<{ base: string; pid: number }>) =>
+    measured(instances.map((i) => i.pid), async () => {
+      const loads = await Promise.all(instances.map((i) => load(`${i.base}/v1/me`, { headers: { 'x-api-key': pgWarmToken }, connections: CONNECTIONS / instances.length })));
+      return loads.length === 1 ? loads[0]! : combined(loads[0]!, loads[1]!);
+    });
+  for (const [store, instances] of Object.entries(byStore)) {
+    scenarios.push({ key: `store-${store}-1`, run: () => warmOn(instances.slice(0, 1)) });
+    if (store !== 'memory') scenarios.push({ key: `store-${store}-2`, run: () => warmOn(instances) });
   }
 
   const samples: Record<string, Load[]> = {};
@@ -464,6 +504,17 @@ async function main(): Promise<void> {
     add('PostgreSQL, 2 instances: GET /v1/me, warm token (25 connections each)', summary('pgWarm'), 'both instances on one database, driven at once; throughput added');
     const pgBots = summary('pgBotPair');
     add('PostgreSQL, 2 instances: acquire + release a bot (5 connections each)', pgBots, `${fmt(pgBots.rps / 2)} pairs/s; each admission locks the user's row`);
+    // What counting the rate limits in a shared store costs, against counting them in memory.
+    const memoryOne = summary('store-memory-1');
+    const memoryTwo = summary('pgWarm');
+    add('PostgreSQL, RATE_LIMIT_STORE=memory, 1 instance: GET /v1/me, warm token', memoryOne, 'each instance counts its own limits');
+    for (const store of Object.keys(byStore).filter((k) => k !== 'memory')) {
+      const one = summary(`store-${store}-1`);
+      const two = summary(`store-${store}-2`);
+      const cost = (l: typeof one, m: typeof one) => `${fmt(ratio(l.rps, m.rps), 2)}× memory's throughput, ${fmt(l.cpuUs - m.cpuUs)} µs more keyward CPU per request`;
+      add(`PostgreSQL, RATE_LIMIT_STORE=${store}, 1 instance: GET /v1/me, warm token`, one, `${cost(one, memoryOne)}; a round trip to ${store} per request`);
+      add(`PostgreSQL, RATE_LIMIT_STORE=${store}, 2 instances: GET /v1/me, warm token (25 connections each)`, two, `${cost(two, memoryTwo)} (2 instances); limits exact across both`);
+    }
   }
   const warmMicros = warmS.cpuUs;
   add('per-user rate limiter alone, per request (in-process)', null, `${limiterUs.toFixed(2)} µs, ${((100 * limiterUs) / warmMicros).toFixed(1)}% of a warm GET /v1/me (${warmMicros.toFixed(0)} µs of server CPU)`);

@@ -250,6 +250,29 @@ describe('RATE_LIMIT_STORE=redis when Redis stops and comes back', () => {
   });
 });
 
+describe('RATE_LIMIT_STORE=redis with no Redis when keyward starts', () => {
+  const schema = useFreshSchema('rl_late', stopServers);
+  let redis: ChildProcess | undefined;
+  afterAll(async () => {
+    await stopProcess(redis, 'SIGKILL');
+  });
+
+  test('it starts, says once that it counts locally, serves and limits; when Redis starts, the limits become shared', async () => {
+    const port = await freePort();
+    const server = await startServer({ env: serverEnv(schema, { RATE_LIMIT_STORE: 'redis', REDIS_URL: `redis://127.0.0.1:${port}`, METRICS_ALLOWED_IPS: '127.0.0.1' }), timeoutMs: 40_000 });
+    started.push(server);
+    await waitFor(() => logLines(server, 'rate-limit store not answering').length === 1, 'the start-up warning');
+    expect(await readiness(server)).toEqual({ status: 200, body: { status: 'ok', rate_limit_store: { kind: 'redis', up: false } } });
+    const key = await userWithKey(server);
+    expect(statuses(await keyBurst([server], 40, key))).toEqual({ '200': LIMIT, '429 RATE_LIMITED': 10 });
+
+    redis = startRedis(port);
+    await waitFor(async () => (await storeUp(server, 'redis')) === 1, 'keyward to find the Redis that started');
+    expect(logLines(server, 'rate-limit store answers again')).toHaveLength(1);
+    expect(logLines(server, 'rate-limit store not answering')).toHaveLength(1);
+  });
+});
+
 /**
  * A TCP relay in front of a Redis that holds every chunk for `delayMs` (0: passes it straight on):
  * a store that answers, but slowly.
@@ -289,7 +312,7 @@ describe('RATE_LIMIT_STORE=redis behind a slow link: no request waits longer tha
     redis = startRedis(port);
     await waitFor(() => redisAnswers(port), `redis-server on ${port}`);
     relay = await slowRelay(port);
-    [server] = await startInstances(1, serverEnv(schema, { RATE_LIMIT_STORE: 'redis', REDIS_URL: `redis://127.0.0.1:${relay.port}`, RATE_LIMIT_STORE_TIMEOUT_MS: '50', METRICS_ALLOWED_IPS: '127.0.0.1' }));
+    server = (await startInstances(1, serverEnv(schema, { RATE_LIMIT_STORE: 'redis', REDIS_URL: `redis://127.0.0.1:${relay.port}`, RATE_LIMIT_STORE_TIMEOUT_MS: '50', METRICS_ALLOWED_IPS: '127.0.0.1' })))[0]!;
   }, 60_000);
   afterAll(async () => {
     await relay?.close();
