@@ -118,7 +118,7 @@ const PROBE_MS = 1000;
  */
 class SharedCounters implements Counters {
   private up = false;
-  /** Said in the log that the store is down (once per outage; not at start while it connects). */
+  /** Said in the log that the store is down: once per outage, at start once the first probe fails. */
   private toldDown = false;
   private probing: NodeJS.Timeout | undefined;
   private closed = false;
