@@ -23,6 +23,8 @@ export interface UsersTable {
   sso_subject: string | null;
   /** Balance spent by bot starts when CREDITS_PER_BOT is set; never negative. */
   credits: Generated<number>;
+  /** The platform's own account id (printable ASCII, up to 256), unique among users not deleted. */
+  external_id: string | null;
 }
 
 export interface TokensTable {

@@ -27,6 +27,7 @@ describe('POST /admin/users', () => {
       active_bots: 0,
       rate_limit_per_minute: 600,
       credits: 0,
+      external_id: null,
       sso_subject: null,
       data: null,
       disabled: false,
@@ -272,5 +273,92 @@ describe('DELETE /admin/users/{id}', () => {
 
   test('answers 404 for an unknown user', async () => {
     expectError(await request(ctx.app).delete('/admin/users/7').set(admin), 404, 'NOT_FOUND');
+  });
+});
+
+describe('external_id: the platform\'s own account id on a user', () => {
+  const create = (body: Record<string, unknown>) => request(ctx.app).post('/admin/users').set(admin).send(body);
+
+  test('is set at creation, shown everywhere, found by ?external_id=, changed and cleared by PATCH, and audited', async () => {
+    const res = await create({ email: 'acme@example.com', external_id: 'acct_8f3a-21' });
+    expect(res.status).toBe(201);
+    expect(res.body.external_id).toBe('acct_8f3a-21');
+    expect(await userRow(res.body.id)).toMatchObject({ external_id: 'acct_8f3a-21' });
+    await create({ email: 'other@example.com' });
+    const found = await request(ctx.app).get('/admin/users?external_id=acct_8f3a-21').set(admin);
+    expect(found.body.data.map((u: { email: string }) => u.email)).toEqual(['acme@example.com']);
+    expect((await request(ctx.app).get('/admin/users?external_id=acct_8f3a-2').set(admin)).body.data).toEqual([]);
+    expect((await request(ctx.app).get(`/admin/users/${res.body.id}`).set(admin)).body.external_id).toBe('acct_8f3a-21');
+
+    const changed = await request(ctx.app).patch(`/admin/users/${res.body.id}`).set(admin).send({ external_id: 'acct 99' });
+    expect([changed.status, changed.body.external_id]).toEqual([200, 'acct 99']);
+    const audit = await request(ctx.app).get(`/admin/audit?action=user.updated&target=user:${res.body.id}`).set(admin);
+    expect(audit.body.data[0].details).toEqual({ external_id: { old: 'acct_8f3a-21', new: 'acct 99' } });
+    const cleared = await request(ctx.app).patch(`/admin/users/${res.body.id}`).set(admin).send({ external_id: null });
+    expect(cleared.body.external_id).toBeNull();
+    expect(await userRow(res.body.id)).toMatchObject({ external_id: null });
+  });
+
+  test('a key sees it on /v1/me, and /auth/verify hands it to the gateway (JSON and X-Keyward-External-Id)', async () => {
+    const user = await createUser(ctx, { external_id: 'cus_42' });
+    const token = await mintToken(ctx, user.id);
+    const me = await request(ctx.app).get('/v1/me').set('X-API-Key', token.token);
+    expect(me.body.user.external_id).toBe('cus_42');
+    const verified = await request(ctx.app).get('/auth/verify').set('X-API-Key', token.token);
+    expect([verified.status, verified.headers['x-keyward-external-id'], verified.body.external_id]).toEqual([200, 'cus_42', 'cus_42']);
+    // None set: an empty header (so the gateway replaces whatever the client sent), null in JSON.
+    const plain = await createUser(ctx);
+    const plainToken = await mintToken(ctx, plain.id);
+    const none = await request(ctx.app).get('/auth/verify').set('X-API-Key', plainToken.token);
+    expect([none.headers['x-keyward-external-id'], none.body.external_id]).toEqual(['', null]);
+  });
+
+  test('is unique among users: a duplicate at creation or by PATCH is 409 CONFLICT naming the holder; deleting or clearing frees it', async () => {
+    const holder = await create({ email: 'a@example.com', external_id: 'dup-1' });
+    const again = expectError(await create({ email: 'b@example.com', external_id: 'dup-1' }), 409, 'CONFLICT');
+    expect(again.details).toEqual({ existing_id: holder.body.id });
+    expect(await ctx.storage.db.selectFrom('users').select('email').where('email', '=', 'b@example.com').executeTakeFirst()).toBeUndefined();
+    const other = await create({ email: 'c@example.com' });
+    const patched = expectError(await request(ctx.app).patch(`/admin/users/${other.body.id}`).set(admin).send({ external_id: 'dup-1', name: 'changed' }), 409, 'CONFLICT');
+    expect(patched.details).toEqual({ existing_id: holder.body.id });
+    expect(await userRow(other.body.id)).toMatchObject({ external_id: null, name: null });
+    // Setting a user's own id again is no conflict.
+    expect((await request(ctx.app).patch(`/admin/users/${holder.body.id}`).set(admin).send({ external_id: 'dup-1' })).status).toBe(200);
+    expect((await request(ctx.app).delete(`/admin/users/${holder.body.id}`).set(admin)).status).toBe(204);
+    expect((await request(ctx.app).patch(`/admin/users/${other.body.id}`).set(admin).send({ external_id: 'dup-1' })).status).toBe(200);
+  });
+
+  test('two admins giving the same id to two users at once: one wins, the other gets 409', async () => {
+    const [a, b] = [await createUser(ctx), await createUser(ctx)];
+    const results = await Promise.all([a, b].map((u) => request(ctx.app).patch(`/admin/users/${u.id}`).set(admin).send({ external_id: 'raced' })));
+    expect(results.map((r) => r.status).sort()).toEqual([200, 409]);
+    expect(await ctx.storage.db.selectFrom('users').select('id').where('external_id', '=', 'raced').execute()).toHaveLength(1);
+  });
+
+  test.each([
+    ['too long', 'x'.repeat(257)],
+    ['empty', ''],
+    ['a control character', 'acct\u0007'],
+    ['a line break', 'acct\n1'],
+    ['a leading space', ' acct'],
+    ['a trailing space', 'acct '],
+    ['non-ASCII', 'kundennummer-\u00fc'],
+    ['a number', 42],
+    ['an object', { id: 1 }],
+  ])('%s is 400 VALIDATION_ERROR naming external_id, at creation, by PATCH and as a filter', async (_what, value) => {
+    const error = expectError(await create({ email: 'v@example.com', external_id: value }), 400, 'VALIDATION_ERROR');
+    expect(new Set((error.details as Array<{ field: string; in: string }>).map((d) => `${d.in}:${d.field}`))).toEqual(new Set(['body:external_id']));
+    const user = await createUser(ctx);
+    expectError(await request(ctx.app).patch(`/admin/users/${user.id}`).set(admin).send({ external_id: value }), 400, 'VALIDATION_ERROR');
+    if (typeof value === 'string' && value !== '') {
+      expectError(await request(ctx.app).get(`/admin/users?external_id=${encodeURIComponent(value)}`).set(admin), 400, 'VALIDATION_ERROR');
+    }
+    expect(await ctx.storage.db.selectFrom('users').select('id').where('external_id', 'is not', null).execute()).toEqual([]);
+  });
+
+  test('256 printable characters are accepted', async () => {
+    const id = `A${' ~'.repeat(127)}Z`;
+    expect(id).toHaveLength(256);
+    expect((await create({ email: 'long@example.com', external_id: id })).body.external_id).toBe(id);
   });
 });

@@ -170,6 +170,7 @@ describe('every change writes exactly one entry', () => {
         max_concurrent_bots: 2,
         rate_limit_per_minute: 30,
         credits: 5,
+        external_id: null,
         sso_subject: null,
         data: { team: 'red' },
         disabled: false,

@@ -194,6 +194,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     const form = page.locator('#create-user-form');
     await form.getByLabel('Email').fill('ada@example.com');
     await form.getByLabel('Name').fill('Ada Lovelace');
+    await form.getByLabel('External id').fill('acct-ada-1815');
     await form.getByLabel('Concurrent bots').fill('4');
     await form.getByLabel('Credits').fill('500');
     const [req] = await Promise.all([
@@ -203,7 +204,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     // The person's identity rides on the proxy's headers: no admin key ever leaves the browser.
     expect(req.headers()['x-admin-api-key']).toBeUndefined();
     expect(req.headers()['x-keyward-csrf']).toBe('1');
-    expect(JSON.parse(req.postData()!)).toEqual({ email: 'ada@example.com', name: 'Ada Lovelace', max_concurrent_bots: 4, credits: 500 });
+    expect(JSON.parse(req.postData()!)).toEqual({ email: 'ada@example.com', name: 'Ada Lovelace', external_id: 'acct-ada-1815', max_concurrent_bots: 4, credits: 500 });
     await page.locator('#user-title').waitFor();
     expect(await page.locator('#user-title').innerText()).toBe('Ada Lovelace (ada@example.com)');
     userId = Number(/#\/users\/(\d+)$/.exec(page.url())![1]);
@@ -310,6 +311,7 @@ describe('the admin console, as an admin signed in through the proxy', () => {
     await row.waitFor();
     expect(await row.locator('.c-bots').innerText()).toBe('0 of 4');
     expect(await row.locator('.c-credits').innerText()).toBe('500');
+    expect(await row.locator('.c-external-id').innerText()).toBe('acct-ada-1815');
     await page.screenshot({ path: shot('console-users.png'), fullPage: true });
     expect(statSync(shot('console-users.png')).size).toBeGreaterThan(10_000);
     // Keyboard only: Tab onto the link and press Enter; a visible focus ring on the way.

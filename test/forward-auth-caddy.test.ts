@@ -97,11 +97,17 @@ describe('Caddy forward_auth in front of keyward, configured as docs/forward-aut
   test('spoofed X-Keyward-* headers from the client never reach the upstream', async () => {
     const { user, key } = await admin.userWithKey({ scopes: ['bots:read'] });
     const res = await fetch(`${proxyBase}/api/things`, {
-      headers: { 'X-API-Key': key.token, 'X-Keyward-User-Id': '999999', 'X-Keyward-Scopes': 'bots:read bots:write tokens:write' },
+      headers: { 'X-API-Key': key.token, 'X-Keyward-User-Id': '999999', 'X-Keyward-Scopes': 'bots:read bots:write tokens:write', 'X-Keyward-External-Id': 'someone-else' },
     });
     expect(res.status).toBe(200);
     const seen = upstream.reached.at(-1)!.headers;
-    expect([seen['x-keyward-user-id'], seen['x-keyward-scopes']]).toEqual([String(user.id), 'bots:read']);
+    // This user has none: keyward's empty header replaces the client's claim.
+    expect([seen['x-keyward-user-id'], seen['x-keyward-scopes'], seen['x-keyward-external-id']]).toEqual([String(user.id), 'bots:read', '']);
+
+    // With an external id, keyward's reaches the service, not the client's.
+    await admin.call('PATCH', `/admin/users/${user.id}`, { external_id: `acct-${user.id}` });
+    expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token, 'X-Keyward-External-Id': 'someone-else' } })).status).toBe(200);
+    expect(upstream.reached.at(-1)!.headers['x-keyward-external-id']).toBe(`acct-${user.id}`);
   });
 
   test('the allowlist sees the connection\'s address, not an X-Forwarded-For the client claims', async () => {

@@ -76,6 +76,14 @@ describe('nginx auth_request in front of keyward, configured as docs/forward-aut
     expect(seen.authorization).toBeUndefined();
   });
 
+  test('the user\'s external id reaches the upstream in X-Keyward-External-Id', async () => {
+    const { user, key } = await admin.userWithKey({ scopes: ['bots:read'] });
+    await admin.call('PATCH', `/admin/users/${user.id}`, { external_id: `acct-${user.id}` });
+    const res = await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token, 'X-Keyward-External-Id': 'spoofed' } });
+    expect(res.status).toBe(200);
+    expect(reached.at(-1)!.headers['x-keyward-external-id']).toBe(`acct-${user.id}`);
+  });
+
   test('Bearer works too, for any method (nginx asks keyward with GET)', async () => {
     const { key } = await admin.userWithKey({ scopes: ['bots:read'] });
     const res = await fetch(`${proxyBase}/api/things`, { method: 'POST', headers: { Authorization: `Bearer ${key.token}` }, body: '{"a":1}' });
@@ -112,11 +120,14 @@ describe('nginx auth_request in front of keyward, configured as docs/forward-aut
       'X-Keyward-Token-Id': '1',
       'X-Keyward-Scopes': 'bots:read bots:write tokens:write',
       'X-Keyward-Environment': 'live',
+      'X-Keyward-External-Id': 'someone-else',
     };
     const res = await fetch(`${proxyBase}/api/things`, { headers: { ...spoofed, 'X-API-Key': key.token } });
     expect(res.status).toBe(200);
     const seen = reached.at(-1)!.headers;
     expect([seen['x-keyward-user-id'], seen['x-keyward-user-email'], seen['x-keyward-scopes']]).toEqual([String(user.id), user.email, 'bots:read']);
+    // This user has no external id: the client's claim is dropped, not passed on.
+    expect(seen['x-keyward-external-id']).toBeUndefined();
 
     // Without a key the spoofed identity is refused outright, nothing reaches the upstream.
     const before = reached.length;

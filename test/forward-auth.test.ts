@@ -50,20 +50,22 @@ function expectRefused(res: request.Response, status: number, code: string): { m
 
 function expectIdentity(
   res: request.Response,
-  user: { id: number; email: string },
+  user: { id: number; email: string; external_id?: string | null },
   token: { id: number },
   scopes: string[],
   environment: 'live' | 'test' = 'live',
 ): void {
   expect(res.status).toBe(200);
+  const externalId = user.external_id ?? null;
   expect(identityHeaders(res)).toEqual({
     'x-keyward-user-id': String(user.id),
     'x-keyward-user-email': user.email,
     'x-keyward-token-id': String(token.id),
     'x-keyward-scopes': scopes.join(' '),
     'x-keyward-environment': environment,
+    'x-keyward-external-id': externalId ?? '',
   });
-  expect(res.body).toEqual({ user_id: user.id, email: user.email, token_id: token.id, scopes, environment });
+  expect(res.body).toEqual({ user_id: user.id, email: user.email, external_id: externalId, token_id: token.id, scopes, environment });
 }
 
 function expectWithinWindow(value: unknown): number {
@@ -175,6 +177,7 @@ describe('a good key', () => {
       'x-keyward-token-id': String(minted.id),
       'x-keyward-scopes': 'bots:read',
       'x-keyward-environment': 'live',
+      'x-keyward-external-id': '',
     });
     expect(res.text).toBeUndefined();
     const refused = await request(ctx.app).head('/auth/verify?scope=bots:write').set('X-API-Key', minted.token);

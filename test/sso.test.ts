@@ -365,6 +365,7 @@ describe('which keyward user a signed-in person is', () => {
         max_concurrent_bots: 7,
         rate_limit_per_minute: 42,
         credits: 0,
+        external_id: null,
         sso_subject: ALICE.subject,
         data: null,
         disabled: false,

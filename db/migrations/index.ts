@@ -6,6 +6,7 @@ import * as ssoSubject from './20261123-0004-sso-subject';
 import * as auditUsageCredits from './20261123-0005-audit-usage-credits';
 import * as adminKeys from './20261204-0006-admin-keys';
 import * as rateLimits from './20261204-0007-rate-limits';
+import * as externalId from './20261204-0008-external-id';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -19,6 +20,7 @@ const MIGRATIONS: Record<string, Migration> = {
   '20261123-0005-audit-usage-credits': auditUsageCredits,
   '20261204-0006-admin-keys': adminKeys,
   '20261204-0007-rate-limits': rateLimits,
+  '20261204-0008-external-id': externalId,
 };
 
 export const migrationProvider: MigrationProvider = {

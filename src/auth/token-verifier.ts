@@ -19,7 +19,7 @@ export interface PresentedKey {
 }
 
 export interface AuthContext {
-  user: { id: number; email: string; name: string | null; maxConcurrentBots: number; rateLimitPerMinute: number };
+  user: { id: number; email: string; name: string | null; externalId: string | null; maxConcurrentBots: number; rateLimitPerMinute: number };
   token: {
     id: number;
     name: string | null;
@@ -108,6 +108,7 @@ export class TokenVerifier {
         id: row.user_id,
         email: row.email,
         name: row.user_name,
+        externalId: row.external_id,
         maxConcurrentBots: row.max_concurrent_bots,
         rateLimitPerMinute: row.rate_limit_per_minute,
       },

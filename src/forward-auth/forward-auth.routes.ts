@@ -31,7 +31,11 @@ export function forwardAuthHandlers(): Record<string, NodeHandler> {
       res.setHeader('X-Keyward-Token-Id', String(token.id));
       res.setHeader('X-Keyward-Scopes', token.scopes.join(' '));
       res.setHeader('X-Keyward-Environment', token.environment);
-      sendJson(res, 200, { user_id: user.id, email: user.email, token_id: token.id, scopes: token.scopes, environment: token.environment });
+      // Always sent, empty when the user has none: Caddy's copy_headers passes a header missing from
+      // the answer on as its unresolved placeholder ("{http.reverse_proxy.header.…}"), which a service
+      // would take for an id. An empty one nginx drops, and Caddy and Traefik pass on empty.
+      res.setHeader('X-Keyward-External-Id', user.externalId ?? '');
+      sendJson(res, 200, { user_id: user.id, email: user.email, external_id: user.externalId, token_id: token.id, scopes: token.scopes, environment: token.environment });
     },
   };
 }

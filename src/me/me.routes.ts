@@ -8,7 +8,7 @@ export function meHandlers(): Record<string, NodeHandler> {
     getMe: (_req, res) => {
       const { user, token } = authOf(res);
       sendJson(res, 200, {
-        user: { id: user.id, email: user.email, name: user.name, max_concurrent_bots: user.maxConcurrentBots },
+        user: { id: user.id, email: user.email, name: user.name, external_id: user.externalId, max_concurrent_bots: user.maxConcurrentBots },
         token: {
           id: token.id,
           name: token.name,

@@ -132,6 +132,7 @@ export interface CredentialRow {
   user_name: string | null;
   max_concurrent_bots: number;
   rate_limit_per_minute: number;
+  external_id: string | null;
   disabled_at: string | null;
   deleted_at: string | null;
 }
@@ -171,6 +172,7 @@ function credentialQuery(db: Db, selector: string) {
       'users.name as user_name',
       'users.max_concurrent_bots',
       'users.rate_limit_per_minute',
+      'users.external_id',
       'users.disabled_at',
       'users.deleted_at',
     ])

@@ -17,7 +17,18 @@ export async function findUserByEmail(db: Db, emailLower: string): Promise<UserR
   return db.selectFrom('users').selectAll().where('email_lower', '=', emailLower).executeTakeFirst();
 }
 
-export async function listUsers(db: Db, page: PageRequest, emailContains?: string): Promise<UserRow[]> {
+export interface UserFilter {
+  /** Part of the email, any case. */
+  emailContains?: string;
+  /** Exactly this external id. */
+  externalId?: string;
+}
+
+export async function findUserByExternalId(db: Db, externalId: string): Promise<UserRow | undefined> {
+  return db.selectFrom('users').selectAll().where('external_id', '=', externalId).where('deleted_at', 'is', null).executeTakeFirst();
+}
+
+export async function listUsers(db: Db, page: PageRequest, { emailContains, externalId }: UserFilter = {}): Promise<UserRow[]> {
   let query = db
     .selectFrom('users')
     .selectAll()
@@ -29,6 +40,7 @@ export async function listUsers(db: Db, page: PageRequest, emailContains?: strin
     const pattern = `%${emailContains.toLowerCase().replace(/[\\%_]/g, (c) => `\\${c}`)}%`;
     query = query.where(sql<boolean>`email_lower like ${pattern} escape '\\'`);
   }
+  if (externalId !== undefined) query = query.where('external_id', '=', externalId);
   return query.execute();
 }
 

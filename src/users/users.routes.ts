@@ -13,7 +13,7 @@ export function usersHandlers(users: UsersService): Record<string, Handler> {
     },
     listUsers: async (_req, res) => {
       const { query } = input(res);
-      res.json(await users.list(pageRequest(query), query.email as string | undefined));
+      res.json(await users.list(pageRequest(query), { emailContains: query.email as string | undefined, externalId: query.external_id as string | undefined }));
     },
     getUser: async (_req, res) => {
       res.json(await users.get(input(res).params.id as number));

@@ -23,6 +23,8 @@ export interface UserResponse {
   rate_limit_per_minute: number;
   /** Spent by bot starts when CREDITS_PER_BOT is set. */
   credits: number;
+  /** The platform's own account id, if it gave one. */
+  external_id: string | null;
   /** The linked single sign-on identity, if any. */
   sso_subject: string | null;
   data: Record<string, unknown> | null;
@@ -41,6 +43,7 @@ export function toUserResponse(row: UserRow, activeBots: number): UserResponse {
     active_bots: activeBots,
     rate_limit_per_minute: row.rate_limit_per_minute,
     credits: row.credits,
+    external_id: row.external_id,
     sso_subject: row.sso_subject,
     data: row.data === null ? null : (JSON.parse(row.data) as Record<string, unknown>),
     disabled: row.disabled_at !== null,
@@ -56,6 +59,7 @@ export interface CreateUserInput {
   max_concurrent_bots?: number;
   rate_limit_per_minute?: number;
   credits?: number;
+  external_id?: string | null;
   data?: Record<string, unknown> | null;
 }
 
@@ -64,6 +68,7 @@ export interface UpdateUserInput {
   max_concurrent_bots?: number;
   rate_limit_per_minute?: number;
   credits?: number;
+  external_id?: string | null;
   sso_subject?: string | null;
   data?: Record<string, unknown> | null;
   disabled?: boolean;
@@ -79,6 +84,7 @@ function auditedFields(row: UserRow): Record<string, unknown> {
     max_concurrent_bots: row.max_concurrent_bots,
     rate_limit_per_minute: row.rate_limit_per_minute,
     credits: row.credits,
+    external_id: row.external_id,
     sso_subject: row.sso_subject,
     data: row.data === null ? null : (JSON.parse(row.data) as unknown),
     disabled: row.disabled_at !== null,
@@ -109,6 +115,7 @@ export class UsersService {
     const emailLower = input.email.toLowerCase();
     const data = serializeData(input.data);
     await this.refuseDuplicate(emailLower);
+    await this.refuseTakenExternalId(input.external_id);
     const now = isoNow(clock);
     try {
       const row = await writeTransaction(db, async (trx) => {
@@ -119,6 +126,7 @@ export class UsersService {
           max_concurrent_bots: input.max_concurrent_bots ?? DEFAULT_MAX_CONCURRENT_BOTS,
           rate_limit_per_minute: input.rate_limit_per_minute ?? this.deps.defaultRateLimit,
           credits: input.credits ?? 0,
+          external_id: input.external_id ?? null,
           data,
           disabled_at: null,
           deleted_at: null,
@@ -134,8 +142,12 @@ export class UsersService {
       });
       return toUserResponse(row, 0);
     } catch (err) {
-      // Two admins creating the same email at once: the unique index decides, the loser gets 409.
-      if (isUniqueViolation(err)) await this.refuseDuplicate(emailLower);
+      // Two admins creating the same email (or external id) at once: the unique index decides, the
+      // loser gets 409.
+      if (isUniqueViolation(err)) {
+        await this.refuseDuplicate(emailLower);
+        await this.refuseTakenExternalId(input.external_id);
+      }
       throw err;
     }
   }
@@ -143,6 +155,13 @@ export class UsersService {
   private async refuseDuplicate(emailLower: string): Promise<void> {
     const existing = await users.findUserByEmail(this.deps.db, emailLower);
     if (existing) throw conflict('A user with this email already exists.', { existing_id: existing.id });
+  }
+
+  /** 409 naming the user that has this external id, unless it is `exceptId`. */
+  private async refuseTakenExternalId(externalId: string | null | undefined, exceptId?: number): Promise<void> {
+    if (externalId === undefined || externalId === null) return;
+    const holder = await users.findUserByExternalId(this.deps.db, externalId);
+    if (holder && holder.id !== exceptId) throw conflict('Another user has this external_id.', { existing_id: holder.id });
   }
 
   async get(id: number): Promise<UserResponse> {
@@ -162,8 +181,8 @@ export class UsersService {
     return this.respond(row);
   }
 
-  async list(page: PageRequest, emailContains?: string): Promise<Page<UserResponse>> {
-    const rows = await users.listUsers(this.deps.db, page, emailContains);
+  async list(page: PageRequest, filter: users.UserFilter = {}): Promise<Page<UserResponse>> {
+    const rows = await users.listUsers(this.deps.db, page, filter);
     const active = await this.deps.activeBots(rows.map((r) => r.id));
     return toPage(rows, page, (row) => toUserResponse(row, active.get(row.id) ?? 0));
   }
@@ -182,6 +201,7 @@ export class UsersService {
         if (input.max_concurrent_bots !== undefined) patch.max_concurrent_bots = input.max_concurrent_bots;
         if (input.rate_limit_per_minute !== undefined) patch.rate_limit_per_minute = input.rate_limit_per_minute;
         if (input.credits !== undefined) patch.credits = input.credits;
+        if (input.external_id !== undefined) patch.external_id = input.external_id;
         // A subject another user holds is refused by its unique index (below), the one check for it.
         if (input.sso_subject !== undefined) patch.sso_subject = input.sso_subject;
         if (data !== undefined) patch.data = data;
@@ -200,8 +220,10 @@ export class UsersService {
         return updated;
       });
     } catch (err) {
-      // Linking a subject another user holds, also when two admins do it at once.
-      if (!isUniqueViolation(err) || !input.sso_subject) throw err;
+      // Linking a subject or an external id another user holds, also when two admins do it at once.
+      if (!isUniqueViolation(err)) throw err;
+      await this.refuseTakenExternalId(input.external_id, id);
+      if (!input.sso_subject) throw err;
       const holder = await users.findUserBySsoSubject(db, input.sso_subject);
       throw conflict('Another user is linked to this SSO subject.', { existing_id: holder?.id ?? null });
     }

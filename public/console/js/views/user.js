@@ -27,7 +27,7 @@ function detailsSection(ctx, user, label) {
     'dl',
     { class: 'facts' },
     fact('Email', user.email),
-    'external_id' in user ? fact('External id', user.external_id || '\u2014') : null,
+    fact('External id', user.external_id || '\u2014'),
     fact('Status', badge(user.disabled ? 'disabled' : 'active'), user.disabled ? [' since ', time(user.disabled_at)] : null),
     fact('Bots running', `${user.active_bots} of ${user.max_concurrent_bots}`),
     fact('Rate limit', `${numberText(user.rate_limit_per_minute)} requests a minute`),
@@ -39,6 +39,7 @@ function detailsSection(ctx, user, label) {
   if (!ctx.can('users:write')) return h('section', { class: 'panel', 'aria-labelledby': 'user-title' }, head, facts, lacks('users:write', 'change or delete this user'));
 
   const name = h('input', { type: 'text', name: 'name', maxlength: 200, value: user.name || '', autocomplete: 'off' });
+  const externalId = h('input', { type: 'text', name: 'external_id', maxlength: 256, value: user.external_id || '', autocomplete: 'off', spellcheck: 'false' });
   const bots = h('input', { type: 'number', name: 'max_concurrent_bots', min: 0, max: 100000, step: 1, value: String(user.max_concurrent_bots) });
   const rate = h('input', { type: 'number', name: 'rate_limit_per_minute', min: 0, max: 1000000, step: 1, value: String(user.rate_limit_per_minute) });
   const credits = h('input', { type: 'number', name: 'credits', min: 0, step: 1, value: String(user.credits) });
@@ -46,7 +47,7 @@ function detailsSection(ctx, user, label) {
   const form = h(
     'form',
     { novalidate: true, id: 'edit-user-form' },
-    h('div', { class: 'grid' }, field('Name', name), field('Concurrent bots', bots), field('Rate limit per minute', rate), field('Credits', credits, 'Sets the balance.')),
+    h('div', { class: 'grid' }, field('Name', name), field('External id', externalId), field('Concurrent bots', bots), field('Rate limit per minute', rate), field('Credits', credits, 'Sets the balance.')),
     save,
   );
   form.addEventListener('submit', async (e) => {
@@ -54,6 +55,8 @@ function detailsSection(ctx, user, label) {
     const body = {};
     const newName = name.value.trim() === '' ? null : name.value.trim();
     if (newName !== user.name) body.name = newName;
+    const newExternalId = externalId.value.trim() === '' ? null : externalId.value.trim();
+    if (newExternalId !== user.external_id) body.external_id = newExternalId;
     for (const input of [bots, rate, credits]) {
       if (input.value !== '' && Number(input.value) !== user[input.name]) body[input.name] = Number(input.value);
     }

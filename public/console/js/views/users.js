@@ -12,7 +12,8 @@ export async function usersView(ctx) {
   if (!cursor) earlier = [];
   const list = await api('GET', withQuery('admin/users', { limit: PAGE, email, cursor }));
   const users = list.data;
-  const hasExternalId = users.some((u) => 'external_id' in u);
+  // A column only when some user on the page has one.
+  const hasExternalId = users.some((u) => u.external_id);
 
   const search = h('input', { type: 'search', name: 'email', value: email, maxlength: 254, autocomplete: 'off' });
   const searchForm = h(
@@ -76,6 +77,7 @@ export async function usersView(ctx) {
 function createUserForm(ctx) {
   const email = h('input', { type: 'email', name: 'email', required: true, maxlength: 254, autocomplete: 'off' });
   const name = h('input', { type: 'text', name: 'name', maxlength: 200, autocomplete: 'off' });
+  const externalId = h('input', { type: 'text', name: 'external_id', maxlength: 256, autocomplete: 'off', spellcheck: 'false' });
   const bots = h('input', { type: 'number', name: 'max_concurrent_bots', min: 0, max: 100000, step: 1, inputmode: 'numeric' });
   const rate = h('input', { type: 'number', name: 'rate_limit_per_minute', min: 0, max: 1000000, step: 1, inputmode: 'numeric' });
   const credits = h('input', { type: 'number', name: 'credits', min: 0, step: 1, inputmode: 'numeric' });
@@ -83,13 +85,14 @@ function createUserForm(ctx) {
   const form = h(
     'form',
     { novalidate: true, id: 'create-user-form' },
-    h('div', { class: 'grid' }, field('Email', email), field('Name', name, 'Optional.'), field('Concurrent bots', bots, 'Default 3.'), field('Rate limit per minute', rate, 'Default: the server\u2019s.'), field('Credits', credits, 'Default 0.')),
+    h('div', { class: 'grid' }, field('Email', email), field('Name', name, 'Optional.'), field('External id', externalId, 'Your platform\u2019s id for the account. Optional.'), field('Concurrent bots', bots, 'Default 3.'), field('Rate limit per minute', rate, 'Default: the server\u2019s.'), field('Credits', credits, 'Default 0.')),
     submit,
   );
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
     const body = { email: email.value.trim() };
     if (name.value.trim()) body.name = name.value.trim();
+    if (externalId.value.trim()) body.external_id = externalId.value.trim();
     for (const input of [bots, rate, credits]) if (input.value !== '') body[input.name] = Number(input.value);
     const user = await act(submit, () => api('POST', 'admin/users', body));
     if (user) ctx.navigate(`users/${user.id}`, undefined, `User ${user.email} created.`);
