@@ -50,6 +50,8 @@ export interface TokensTable {
   /** Written in batches by the last-use recorder, never on the request path. */
   last_used_at: string | null;
   last_used_ip: string | null;
+  /** JSON text of the admin's object for the upstream (forward auth), at most 1 KiB; never a secret. */
+  metadata: string | null;
 }
 
 export type BotStatus = 'active' | 'released' | 'expired';

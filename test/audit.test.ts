@@ -120,6 +120,7 @@ const mintedFacts = (fields: { name?: string | null; scopes?: string[]; expires_
   scopes: ['bots:read', 'bots:write'],
   expires_at: null,
   allowed_ips: null,
+  metadata: null,
   environment: 'live',
   rotated_from: null,
   ...fields,

@@ -104,10 +104,14 @@ describe('Caddy forward_auth in front of keyward, configured as docs/forward-aut
     // This user has none: keyward's empty header replaces the client's claim.
     expect([seen['x-keyward-user-id'], seen['x-keyward-scopes'], seen['x-keyward-external-id']]).toEqual([String(user.id), 'bots:read', '']);
 
-    // With an external id, keyward's reaches the service, not the client's.
+    // With an external id and metadata, keyward's reach the service, not the client's.
     await admin.call('PATCH', `/admin/users/${user.id}`, { external_id: `acct-${user.id}` });
-    expect((await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token, 'X-Keyward-External-Id': 'someone-else' } })).status).toBe(200);
-    expect(upstream.reached.at(-1)!.headers['x-keyward-external-id']).toBe(`acct-${user.id}`);
+    await admin.call('PATCH', `/admin/tokens/${key.id}`, { metadata: { plan: 'pro' } });
+    const spoofed = { 'X-API-Key': key.token, 'X-Keyward-External-Id': 'someone-else', 'X-Keyward-Token-Metadata': 'eyJwbGFuIjoiZW50In0' };
+    expect((await fetch(`${proxyBase}/api/things`, { headers: spoofed })).status).toBe(200);
+    const after = upstream.reached.at(-1)!.headers;
+    expect(after['x-keyward-external-id']).toBe(`acct-${user.id}`);
+    expect(JSON.parse(Buffer.from(String(after['x-keyward-token-metadata']), 'base64url').toString())).toEqual({ plan: 'pro' });
   });
 
   test('the allowlist sees the connection\'s address, not an X-Forwarded-For the client claims', async () => {

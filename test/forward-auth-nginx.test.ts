@@ -76,12 +76,14 @@ describe('nginx auth_request in front of keyward, configured as docs/forward-aut
     expect(seen.authorization).toBeUndefined();
   });
 
-  test('the user\'s external id reaches the upstream in X-Keyward-External-Id', async () => {
-    const { user, key } = await admin.userWithKey({ scopes: ['bots:read'] });
+  test('the user\'s external id and the key\'s metadata reach the upstream, not what the client claims', async () => {
+    const { user, key } = await admin.userWithKey({ scopes: ['bots:read'], metadata: { plan: 'pro', seats: 5 } });
     await admin.call('PATCH', `/admin/users/${user.id}`, { external_id: `acct-${user.id}` });
-    const res = await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token, 'X-Keyward-External-Id': 'spoofed' } });
+    const res = await fetch(`${proxyBase}/api/things`, { headers: { 'X-API-Key': key.token, 'X-Keyward-External-Id': 'spoofed', 'X-Keyward-Token-Metadata': 'eyJwbGFuIjoiZW50In0' } });
     expect(res.status).toBe(200);
-    expect(reached.at(-1)!.headers['x-keyward-external-id']).toBe(`acct-${user.id}`);
+    const seen = reached.at(-1)!.headers;
+    expect(seen['x-keyward-external-id']).toBe(`acct-${user.id}`);
+    expect(JSON.parse(Buffer.from(String(seen['x-keyward-token-metadata']), 'base64url').toString())).toEqual({ plan: 'pro', seats: 5 });
   });
 
   test('Bearer works too, for any method (nginx asks keyward with GET)', async () => {
@@ -121,6 +123,7 @@ describe('nginx auth_request in front of keyward, configured as docs/forward-aut
       'X-Keyward-Scopes': 'bots:read bots:write tokens:write',
       'X-Keyward-Environment': 'live',
       'X-Keyward-External-Id': 'someone-else',
+      'X-Keyward-Token-Metadata': 'eyJwbGFuIjoiZW50In0',
     };
     const res = await fetch(`${proxyBase}/api/things`, { headers: { ...spoofed, 'X-API-Key': key.token } });
     expect(res.status).toBe(200);
@@ -128,6 +131,7 @@ describe('nginx auth_request in front of keyward, configured as docs/forward-aut
     expect([seen['x-keyward-user-id'], seen['x-keyward-user-email'], seen['x-keyward-scopes']]).toEqual([String(user.id), user.email, 'bots:read']);
     // This user has no external id: the client's claim is dropped, not passed on.
     expect(seen['x-keyward-external-id']).toBeUndefined();
+    expect(seen['x-keyward-token-metadata']).toBeUndefined();
 
     // Without a key the spoofed identity is refused outright, nothing reaches the upstream.
     const before = reached.length;

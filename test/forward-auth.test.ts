@@ -51,12 +51,13 @@ function expectRefused(res: request.Response, status: number, code: string): { m
 function expectIdentity(
   res: request.Response,
   user: { id: number; email: string; external_id?: string | null },
-  token: { id: number },
+  token: { id: number; metadata?: Record<string, unknown> | null },
   scopes: string[],
   environment: 'live' | 'test' = 'live',
 ): void {
   expect(res.status).toBe(200);
   const externalId = user.external_id ?? null;
+  const metadata = token.metadata ?? null;
   expect(identityHeaders(res)).toEqual({
     'x-keyward-user-id': String(user.id),
     'x-keyward-user-email': user.email,
@@ -64,8 +65,9 @@ function expectIdentity(
     'x-keyward-scopes': scopes.join(' '),
     'x-keyward-environment': environment,
     'x-keyward-external-id': externalId ?? '',
+    'x-keyward-token-metadata': metadata === null ? '' : Buffer.from(JSON.stringify(metadata)).toString('base64url'),
   });
-  expect(res.body).toEqual({ user_id: user.id, email: user.email, external_id: externalId, token_id: token.id, scopes, environment });
+  expect(res.body).toEqual({ user_id: user.id, email: user.email, external_id: externalId, token_id: token.id, scopes, environment, metadata });
 }
 
 function expectWithinWindow(value: unknown): number {
@@ -178,6 +180,7 @@ describe('a good key', () => {
       'x-keyward-scopes': 'bots:read',
       'x-keyward-environment': 'live',
       'x-keyward-external-id': '',
+      'x-keyward-token-metadata': '',
     });
     expect(res.text).toBeUndefined();
     const refused = await request(ctx.app).head('/auth/verify?scope=bots:write').set('X-API-Key', minted.token);

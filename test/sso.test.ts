@@ -542,6 +542,14 @@ describe('self-service keys', () => {
     expect(res.body.allowed_scopes).toEqual(['bots:read', 'tokens:read']);
   });
 
+  test('a signed-in person cannot set metadata on their keys (400): the services behind forward auth trust it', async () => {
+    const ctx = await app(TRUSTED);
+    await aliceWithKey(ctx);
+    const error = expectError(await post(ctx, '/sso/tokens', ALICE, { name: 'mine', metadata: { plan: 'enterprise' } }), 400, 'VALIDATION_ERROR');
+    expect(error.details).toEqual([{ field: 'metadata', in: 'body', message: 'is set by the admin API only: the services behind forward auth trust it' }]);
+    expect(await allTokens(ctx)).toHaveLength(1);
+  });
+
   test("GET /sso/tokens lists the person's own keys, masked, never another user's", async () => {
     const ctx = await app(TRUSTED);
     const { user, key } = await aliceWithKey(ctx);

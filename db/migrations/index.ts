@@ -7,6 +7,7 @@ import * as auditUsageCredits from './20261123-0005-audit-usage-credits';
 import * as adminKeys from './20261204-0006-admin-keys';
 import * as rateLimits from './20261204-0007-rate-limits';
 import * as externalId from './20261204-0008-external-id';
+import * as tokenMetadata from './20261204-0009-token-metadata';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -21,6 +22,7 @@ const MIGRATIONS: Record<string, Migration> = {
   '20261204-0006-admin-keys': adminKeys,
   '20261204-0007-rate-limits': rateLimits,
   '20261204-0008-external-id': externalId,
+  '20261204-0009-token-metadata': tokenMetadata,
 };
 
 export const migrationProvider: MigrationProvider = {

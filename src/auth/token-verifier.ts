@@ -28,6 +28,8 @@ export interface AuthContext {
     masked: string;
     expiresAt: string | null;
     allowedIps: string[] | null;
+    /** The admin's object for the upstream, as stored (JSON text): parsed only by who shows it. */
+    metadataJson: string | null;
   };
 }
 
@@ -120,6 +122,7 @@ export class TokenVerifier {
         masked: maskToken(this.deps.tokenPrefix, row.environment, parsed.selector, row.last4),
         expiresAt: row.expires_at,
         allowedIps,
+        metadataJson: row.metadata,
       },
     };
   }

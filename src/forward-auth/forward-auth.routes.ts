@@ -3,6 +3,7 @@ import { sendJson } from '../http/json-response';
 import { validationError } from '../http/errors';
 import { input, type NodeHandler } from '../http/operations';
 import { insufficientScope } from '../tokens/scopes';
+import { parseMetadata } from '../tokens/tokens.service';
 
 /** `?scope=a,b` (commas or spaces): every one must be held. */
 function requiredScopes(raw: unknown): string[] {
@@ -35,7 +36,17 @@ export function forwardAuthHandlers(): Record<string, NodeHandler> {
       // the answer on as its unresolved placeholder ("{http.reverse_proxy.header.…}"), which a service
       // would take for an id. An empty one nginx drops, and Caddy and Traefik pass on empty.
       res.setHeader('X-Keyward-External-Id', user.externalId ?? '');
-      sendJson(res, 200, { user_id: user.id, email: user.email, external_id: user.externalId, token_id: token.id, scopes: token.scopes, environment: token.environment });
+      // The key's metadata as one header: base64url of its JSON, so any object survives a header.
+      res.setHeader('X-Keyward-Token-Metadata', token.metadataJson === null ? '' : Buffer.from(token.metadataJson).toString('base64url'));
+      sendJson(res, 200, {
+        user_id: user.id,
+        email: user.email,
+        external_id: user.externalId,
+        token_id: token.id,
+        scopes: token.scopes,
+        environment: token.environment,
+        metadata: parseMetadata(token.metadataJson),
+      });
     },
   };
 }

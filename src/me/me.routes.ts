@@ -1,6 +1,7 @@
 import { authOf } from '../auth/user-auth';
 import { sendJson } from '../http/json-response';
 import type { NodeHandler } from '../http/operations';
+import { parseMetadata } from '../tokens/tokens.service';
 
 /** The user API's "who am I": the key's user and the key itself, as the caller is allowed to see them. */
 export function meHandlers(): Record<string, NodeHandler> {
@@ -17,6 +18,7 @@ export function meHandlers(): Record<string, NodeHandler> {
           masked: token.masked,
           expires_at: token.expiresAt,
           allowed_ips: token.allowedIps,
+          metadata: parseMetadata(token.metadataJson),
         },
       });
     },

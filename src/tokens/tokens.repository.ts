@@ -21,6 +21,7 @@ const METADATA_COLUMNS = [
   'rotated_to',
   'last_used_at',
   'last_used_ip',
+  'metadata',
 ] as const;
 
 export async function insertToken(db: Db, row: NewTokenRow): Promise<TokenMetadataRow> {
@@ -127,6 +128,7 @@ export interface CredentialRow {
   expires_at: string | null;
   revoked_at: string | null;
   allowed_ips: string | null;
+  metadata: string | null;
   user_id: number;
   email: string;
   user_name: string | null;
@@ -167,6 +169,7 @@ function credentialQuery(db: Db, selector: string) {
       'tokens.expires_at',
       'tokens.revoked_at',
       'tokens.allowed_ips',
+      'tokens.metadata',
       'users.id as user_id',
       'users.email',
       'users.name as user_name',

@@ -1,8 +1,10 @@
+import { createHash } from 'node:crypto';
 import { isUniqueViolation, type Db, lockUserForUpdate, writeTransaction } from '../../db/database';
 import type { TokenUpdate } from '../../db/schema';
 import { type AuditContext, changes, recordAudit } from '../audit/audit';
 import type { Clock } from '../clock';
 import { AppError, conflict, type FieldProblem, notFound, validationError } from '../http/errors';
+import { boundedJson } from '../http/json-limits';
 import { type Page, type PageRequest, toPage } from '../http/pagination';
 import { parseBodyTime, requestedExpiry } from '../http/validation';
 import type { UsersService } from '../users/users.service';
@@ -26,6 +28,8 @@ export interface TokenResponse {
   masked: string;
   status: TokenStatus;
   allowed_ips: string[] | null;
+  /** The admin's object for the upstream; handed on by forward auth. Never a secret. */
+  metadata: Record<string, unknown> | null;
   created_at: string;
   expires_at: string | null;
   revoked_at: string | null;
@@ -47,6 +51,7 @@ export interface MintInput {
   expires_in?: number;
   expires_at?: string;
   allowed_ips?: string[] | null;
+  metadata?: Record<string, unknown> | null;
 }
 
 export interface UpdateInput {
@@ -54,7 +59,15 @@ export interface UpdateInput {
   scopes?: string[];
   allowed_ips?: string[] | null;
   expires_at?: string | null;
+  metadata?: Record<string, unknown> | null;
 }
+
+/** A key's metadata travels in a header with every forwarded request: small and shallow. */
+export const MAX_METADATA_BYTES = 1024;
+export const MAX_METADATA_DEPTH = 5;
+const serializeMetadata = (metadata: Record<string, unknown> | null | undefined) =>
+  boundedJson('metadata', metadata, { maxBytes: MAX_METADATA_BYTES, maxDepth: MAX_METADATA_DEPTH });
+export const parseMetadata = (stored: string | null): Record<string, unknown> | null => (stored === null ? null : (JSON.parse(stored) as Record<string, unknown>));
 
 /**
  * Who is minting, rotating or managing a token. The admin may do anything within the deployment's
@@ -86,7 +99,14 @@ const tokenTarget = (row: TokenMetadataRow) => ({ type: 'token' as const, id: ro
 
 /** What an audit entry records of a token: what it may do, never any part of its secret. */
 function auditedFields(row: TokenMetadataRow): Record<string, unknown> {
-  return { name: row.name, scopes: parseScopes(row.scopes), expires_at: row.expires_at, allowed_ips: parseAllowedIps(row.allowed_ips) };
+  return {
+    name: row.name,
+    scopes: parseScopes(row.scopes),
+    expires_at: row.expires_at,
+    allowed_ips: parseAllowedIps(row.allowed_ips),
+    // Not the content (the audit log is read by others than those who manage keys): that it changed.
+    metadata: row.metadata === null ? null : { bytes: Buffer.byteLength(row.metadata), sha256: createHash('sha256').update(row.metadata).digest('hex').slice(0, 16) },
+  };
 }
 
 const mintedFacts = (row: TokenMetadataRow) => ({ ...auditedFields(row), environment: row.environment, rotated_from: row.rotated_from });
@@ -119,6 +139,7 @@ export class TokensService {
       masked: maskToken(this.deps.tokenPrefix, row.environment, row.selector, row.last4),
       status: tokenStatus(row, now),
       allowed_ips: parseAllowedIps(row.allowed_ips),
+      metadata: parseMetadata(row.metadata),
       created_at: row.created_at,
       expires_at: row.expires_at,
       revoked_at: row.revoked_at,
@@ -138,9 +159,14 @@ export class TokensService {
     const allowedIps = this.resolveAllowlist(input.allowed_ips, issuer);
     const expiresAt = this.resolveExpiry(input, now, issuer);
     this.checkWithinIssuer(issuer, scopes, environment);
+    // The upstream trusts what metadata says about the caller: the caller cannot write it.
+    if (issuer.kind !== 'admin' && input.metadata !== undefined) {
+      throw validationError([problem('metadata', 'is set by the admin API only: the services behind forward auth trust it')]);
+    }
+    const metadata = serializeMetadata(input.metadata);
 
     return this.insert(
-      { userId, name: input.name ?? null, scopes, environment, allowedIps, now, expiresAt },
+      { userId, name: input.name ?? null, scopes, environment, allowedIps, metadata, now, expiresAt },
       async (trx) => {
         await lockUserForUpdate(trx, userId);
         const active = await tokens.countActiveTokensOfUser(trx, userId, now.toISOString());
@@ -191,6 +217,7 @@ export class TokensService {
         scopes,
         environment: old.environment,
         allowedIps,
+        metadata: old.metadata,
         now,
         expiresAt: expiresMs === null ? null : new Date(expiresMs).toISOString(),
         rotatedFrom: old.id,
@@ -233,6 +260,7 @@ export class TokensService {
       const allowed = this.resolveAllowlist(input.allowed_ips, ADMIN);
       patch.allowed_ips = allowed === null ? null : JSON.stringify(allowed);
     }
+    if (input.metadata !== undefined) patch.metadata = serializeMetadata(input.metadata);
     if (input.expires_at !== undefined) {
       const cap = maxLifetimeSeconds === null ? null : Date.parse(row.created_at) + maxLifetimeSeconds * 1000;
       if (input.expires_at === null) {
@@ -344,6 +372,7 @@ export class TokensService {
       scopes: readonly string[];
       environment: Environment;
       allowedIps: readonly string[] | null;
+      metadata: string | null;
       now: Date;
       expiresAt: string | null;
       rotatedFrom?: number;
@@ -372,6 +401,7 @@ export class TokensService {
             expires_at: token.expiresAt,
             revoked_at: null,
             allowed_ips: token.allowedIps === null ? null : JSON.stringify(token.allowedIps),
+            metadata: token.metadata,
             rotated_from: token.rotatedFrom ?? null,
           });
           await after?.(trx, inserted);
