@@ -52,6 +52,8 @@ export interface TokensTable {
   last_used_ip: string | null;
   /** JSON text of the admin's object for the upstream (forward auth), at most 1 KiB; never a secret. */
   metadata: string | null;
+  /** Requests a minute with this key, besides the user's limit; NULL: the user's limit only. */
+  rate_limit_per_minute: number | null;
 }
 
 export type BotStatus = 'active' | 'released' | 'expired';

@@ -323,7 +323,7 @@ export const VARIABLES: readonly Variable[] = [
   { name: 'ADMIN_RATE_LIMIT_PER_MINUTE', key: 'adminRateLimitPerMinute', default: '1200', parse: integer(1, 1_000_000),
     doc: 'Admin API requests a minute per client address.' },
   { name: 'RATE_LIMIT_STORE', key: 'rateLimitStore', default: 'memory',
-    doc: 'Where all three rate limits count: memory (each instance its own), postgres (the DATABASE_URL database) or redis (REDIS_URL), shared by every instance.',
+    doc: 'Where every rate limit counts: memory (each instance its own), postgres (the DATABASE_URL database) or redis (REDIS_URL), shared by every instance.',
     parse: (raw, name) => ((RATE_LIMIT_STORES as readonly string[]).includes(raw) ? ok(raw as RateLimitStoreKind) : bad(`${name} must be one of ${RATE_LIMIT_STORES.join(', ')}, got "${raw}"`)) },
   { name: 'REDIS_URL', secret: true, key: 'redisUrl', default: '', parse: redisUrl,
     doc: 'redis://[:password@]host:6379[/db] for RATE_LIMIT_STORE=redis (rediss:// for TLS).' },

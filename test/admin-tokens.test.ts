@@ -22,7 +22,7 @@ describe('POST /admin/users/{id}/tokens', () => {
     expect(res.headers['cache-control']).toBe('no-store');
     expect(Object.keys(res.body).sort()).toEqual(
       [
-        'allowed_ips', 'created_at', 'environment', 'expires_at', 'id', 'last_used_at', 'last_used_ip', 'masked', 'metadata', 'name',
+        'allowed_ips', 'created_at', 'environment', 'expires_at', 'id', 'last_used_at', 'last_used_ip', 'masked', 'metadata', 'name', 'rate_limit_per_minute',
         'revoked_at', 'rotated_from', 'rotated_to', 'scopes', 'status', 'token', 'user_id',
       ].sort(),
     );
@@ -102,8 +102,8 @@ describe('listing and reading tokens', () => {
     expect(res.status).toBe(200);
     expect(res.body.meta).toEqual({ limit: 50, next_cursor: null });
     expect(res.body.data).toEqual([
-      { id: a.id, user_id: user.id, name: 'a', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: a.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: '2026-01-01T00:00:00.000Z', status: 'revoked', allowed_ips: null, metadata: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null },
-      { id: b.id, user_id: user.id, name: 'b', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: b.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: null, status: 'active', allowed_ips: null, metadata: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null },
+      { id: a.id, user_id: user.id, name: 'a', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: a.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: '2026-01-01T00:00:00.000Z', status: 'revoked', allowed_ips: null, metadata: null, rate_limit_per_minute: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null },
+      { id: b.id, user_id: user.id, name: 'b', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: b.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: null, status: 'active', allowed_ips: null, metadata: null, rate_limit_per_minute: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null },
     ]);
     const text = JSON.stringify(res.body);
     for (const t of [a, b]) expect(text).not.toContain(TOKEN.exec(t.token)![2]);
@@ -132,7 +132,7 @@ describe('listing and reading tokens', () => {
     expect(res.body).toEqual({
       id: minted.id, user_id: user.id, name: null, scopes: ['bots:read', 'bots:write'], environment: 'live',
       masked: minted.masked, created_at: '2026-01-01T00:00:00.000Z', expires_at: null, revoked_at: null,
-      status: 'active', allowed_ips: null, metadata: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null,
+      status: 'active', allowed_ips: null, metadata: null, rate_limit_per_minute: null, last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null,
     });
     expectError(await request(ctx.app).get('/admin/tokens/404').set(admin), 404, 'NOT_FOUND');
   });

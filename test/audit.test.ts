@@ -121,6 +121,7 @@ const mintedFacts = (fields: { name?: string | null; scopes?: string[]; expires_
   expires_at: null,
   allowed_ips: null,
   metadata: null,
+  rate_limit_per_minute: null,
   environment: 'live',
   rotated_from: null,
   ...fields,

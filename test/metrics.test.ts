@@ -313,7 +313,7 @@ describe('what /metrics counts', () => {
   test('rate-limit rejections are counted per limit: user, auth_failures and admin', async () => {
     const ctx = await app({ AUTH_FAILURES_PER_MINUTE: '3' });
     const zero = await scrape(ctx);
-    for (const limit of ['user', 'admin', 'auth_failures']) {
+    for (const limit of ['user', 'token', 'admin', 'auth_failures']) {
       expect(zero.samples.filter((s) => s.name === 'keyward_rate_limit_rejections_total' && s.labels.limit === limit)).toEqual([
         { name: 'keyward_rate_limit_rejections_total', labels: { limit }, value: 0 },
       ]);

@@ -229,7 +229,7 @@ describe('live and test keys', () => {
     expect((await request(ctx.app).get(`/admin/users/${user.id}/tokens`).set(admin)).body.data[0]).toMatchObject({ environment: 'test', masked: minted.masked });
     expect((await listAll()).body.data[0]).toMatchObject({ environment: 'test', masked: minted.masked });
     expect((await expectWorks(minted.token)).body.token).toEqual({
-      id: minted.id, name: null, scopes: ['bots:read', 'bots:write'], environment: 'test', masked: minted.masked, expires_at: null, allowed_ips: null, metadata: null,
+      id: minted.id, name: null, scopes: ['bots:read', 'bots:write'], environment: 'test', masked: minted.masked, expires_at: null, allowed_ips: null, metadata: null, rate_limit_per_minute: null,
     });
   });
 
@@ -263,7 +263,7 @@ describe('POST /admin/tokens/{id}/rotate', () => {
     const [, selector] = TOKEN('test').exec(res.body.token)!;
     expect(res.body).toEqual({
       id: res.body.id, token: res.body.token, user_id: user.id, name: 'deploy', scopes: ['bots:read', 'tokens:read'], environment: 'test',
-      masked: `kw_test_${selector}_…${res.body.token.slice(-4)}`, status: 'active', allowed_ips: ['127.0.0.1', '10.0.0.0/8'], metadata: null,
+      masked: `kw_test_${selector}_…${res.body.token.slice(-4)}`, status: 'active', allowed_ips: ['127.0.0.1', '10.0.0.0/8'], metadata: null, rate_limit_per_minute: null,
       created_at: at(300), expires_at: null, revoked_at: null, last_used_at: null, last_used_ip: null, rotated_from: old.id, rotated_to: null,
     });
     expect(res.body.token).not.toBe(old.token);
@@ -471,7 +471,7 @@ describe('PATCH /admin/tokens/{id}', () => {
     expect(res.status).toBe(200);
     expect(res.body).toEqual({
       id: minted.id, user_id: user.id, name: 'new', scopes: ['bots:read', 'tokens:read'], environment: 'live', masked: minted.masked,
-      status: 'active', allowed_ips: ['10.0.0.0/8', '127.0.0.1'], metadata: null, created_at: at(0), expires_at: at(3600), revoked_at: null,
+      status: 'active', allowed_ips: ['10.0.0.0/8', '127.0.0.1'], metadata: null, rate_limit_per_minute: null, created_at: at(0), expires_at: at(3600), revoked_at: null,
       last_used_at: null, last_used_ip: null, rotated_from: null, rotated_to: null,
     });
     expect(await tokenRow(minted.id)).toMatchObject({

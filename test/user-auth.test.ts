@@ -33,7 +33,7 @@ describe('GET /v1/me', () => {
     expect(res.status).toBe(200);
     expect(res.body).toEqual({
       user: { id: user.id, email: 'me@example.com', name: 'Me', external_id: null, max_concurrent_bots: 4 },
-      token: { id: minted.id, name: 'laptop', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: minted.masked, expires_at: null, allowed_ips: null, metadata: null },
+      token: { id: minted.id, name: 'laptop', scopes: ['bots:read', 'bots:write'], environment: 'live', masked: minted.masked, expires_at: null, allowed_ips: null, metadata: null, rate_limit_per_minute: null },
     });
   });
 

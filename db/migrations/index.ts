@@ -8,6 +8,7 @@ import * as adminKeys from './20261204-0006-admin-keys';
 import * as rateLimits from './20261204-0007-rate-limits';
 import * as externalId from './20261204-0008-external-id';
 import * as tokenMetadata from './20261204-0009-token-metadata';
+import * as tokenRateLimit from './20261204-0010-token-rate-limit';
 
 /**
  * A static list rather than a folder scan: it works the same under ts-jest, from dist/ and in the
@@ -23,6 +24,7 @@ const MIGRATIONS: Record<string, Migration> = {
   '20261204-0007-rate-limits': rateLimits,
   '20261204-0008-external-id': externalId,
   '20261204-0009-token-metadata': tokenMetadata,
+  '20261204-0010-token-rate-limit': tokenRateLimit,
 };
 
 export const migrationProvider: MigrationProvider = {

@@ -30,6 +30,8 @@ export interface AuthContext {
     allowedIps: string[] | null;
     /** The admin's object for the upstream, as stored (JSON text): parsed only by who shows it. */
     metadataJson: string | null;
+    /** Requests a minute with this key, besides the user's; null: the user's only. */
+    rateLimitPerMinute: number | null;
   };
 }
 
@@ -123,6 +125,7 @@ export class TokenVerifier {
         expiresAt: row.expires_at,
         allowedIps,
         metadataJson: row.metadata,
+        rateLimitPerMinute: row.token_rate_limit_per_minute,
       },
     };
   }

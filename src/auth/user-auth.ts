@@ -61,7 +61,7 @@ export function requireUser(verifier: TokenVerifier, limits: RateLimits): Guard 
     context.userId = auth.user.id;
     context.tokenId = auth.token.id;
     context.actor = { type: 'key', userId: auth.user.id, tokenId: auth.token.id } satisfies Actor;
-    await limits.userRequest(auth.user.id, auth.user.rateLimitPerMinute, res);
+    await limits.userRequest(auth.user.id, auth.user.rateLimitPerMinute, res, { id: auth.token.id, limit: auth.token.rateLimitPerMinute });
     if (op.requiredScope !== null && !auth.token.scopes.includes(op.requiredScope)) throw insufficientScope([op.requiredScope]);
   };
 }

@@ -19,6 +19,7 @@ export function meHandlers(): Record<string, NodeHandler> {
           expires_at: token.expiresAt,
           allowed_ips: token.allowedIps,
           metadata: parseMetadata(token.metadataJson),
+          rate_limit_per_minute: token.rateLimitPerMinute,
         },
       });
     },

@@ -89,7 +89,7 @@ export class Metrics {
     fromTotal('keyward_bcrypt_checks_total', 'bcrypt comparisons run (a key\'s first use in this process, or a wrong secret).', () => sources.verifier.bcryptChecks);
     new Counter({
       name: 'keyward_rate_limit_rejections_total',
-      help: 'Requests refused by a rate limit: user (per-user /v1 limit), admin (per-address admin limit), auth_failures (too many wrong keys from an address).',
+      help: 'Requests refused by a rate limit: user (per-user /v1 limit), token (a key\'s own limit), admin (per-address admin limit), auth_failures (too many wrong keys from an address).',
       labelNames: ['limit'],
       registers,
       collect() {

@@ -32,7 +32,7 @@ export interface Counter {
   reward(key: string, limit: number): Promise<void>;
 }
 
-export type CounterKind = 'user' | 'admin' | 'auth_failures';
+export type CounterKind = 'user' | 'token' | 'admin' | 'auth_failures';
 
 /** Whether the shared store is counting, for /readyz and /metrics. */
 export interface StoreState {

@@ -21,10 +21,11 @@ function setHeaders(res: ServerResponse, limit: number, window: Window): void {
  */
 export class RateLimits {
   private readonly users: Counter;
+  private readonly tokens: Counter;
   private readonly admin: Counter;
   private readonly failures: Counter;
   /** Requests refused by each limit since start, for /metrics. */
-  readonly rejections = { user: 0, admin: 0, auth_failures: 0 };
+  readonly rejections = { user: 0, token: 0, admin: 0, auth_failures: 0 };
 
   constructor(
     private readonly config: { authFailuresPerMinute: number; adminRateLimitPerMinute: number },
@@ -33,17 +34,29 @@ export class RateLimits {
     readonly counters: Counters = memoryCounters(),
   ) {
     this.users = counters.counter('user');
+    this.tokens = counters.counter('token');
     this.admin = counters.counter('admin');
     this.failures = counters.counter('auth_failures');
   }
 
-  /** Counts one /v1 request of a user; past `limit` this minute, 429. A limit of 0 refuses everything. */
-  async userRequest(userId: number, limit: number, res: ServerResponse): Promise<void> {
+  /**
+   * Counts one /v1 request of a user, and of its key when the key has a limit of its own; past either
+   * this minute, 429. The RateLimit headers describe the tighter of the two. A limit of 0 refuses
+   * everything.
+   */
+  async userRequest(userId: number, limit: number, res: ServerResponse, token?: { id: number; limit: number | null }): Promise<void> {
     const window = await this.users.consume(String(userId), limit);
-    setHeaders(res, limit, window);
+    const keyLimit = token?.limit ?? null;
+    const keyWindow = keyLimit === null ? null : await this.tokens.consume(String(token!.id), keyLimit);
+    if (keyWindow !== null && keyLimit! - keyWindow.consumed < limit - window.consumed) setHeaders(res, keyLimit!, keyWindow);
+    else setHeaders(res, limit, window);
     if (window.consumed > limit) {
       this.rejections.user++;
       throw rateLimited(`This user may make ${limit} requests a minute; try again in ${window.resetSeconds} s.`, window, { limit });
+    }
+    if (keyWindow !== null && keyWindow.consumed > keyLimit!) {
+      this.rejections.token++;
+      throw rateLimited(`This API key may make ${keyLimit} requests a minute; try again in ${keyWindow.resetSeconds} s.`, keyWindow, { limit: keyLimit });
     }
   }
 

@@ -11,7 +11,7 @@ import { type SsoContext, ssoOf } from './sso-auth';
  * held a live, unrestricted key with exactly SSO_USER_SCOPES.
  */
 function issuerOf(context: SsoContext, scopes: readonly string[]): Issuer {
-  return { kind: 'key', userId: context.user.id, scopes, environment: 'live', expiresAt: null, allowedIps: null };
+  return { kind: 'key', userId: context.user.id, scopes, environment: 'live', expiresAt: null, allowedIps: null, rateLimitPerMinute: null };
 }
 
 export function ssoHandlers(tokens: TokensService, ssoUserScopes: readonly string[]): Record<string, Handler> {

@@ -22,6 +22,7 @@ const METADATA_COLUMNS = [
   'last_used_at',
   'last_used_ip',
   'metadata',
+  'rate_limit_per_minute',
 ] as const;
 
 export async function insertToken(db: Db, row: NewTokenRow): Promise<TokenMetadataRow> {
@@ -129,6 +130,7 @@ export interface CredentialRow {
   revoked_at: string | null;
   allowed_ips: string | null;
   metadata: string | null;
+  token_rate_limit_per_minute: number | null;
   user_id: number;
   email: string;
   user_name: string | null;
@@ -170,6 +172,7 @@ function credentialQuery(db: Db, selector: string) {
       'tokens.revoked_at',
       'tokens.allowed_ips',
       'tokens.metadata',
+      'tokens.rate_limit_per_minute as token_rate_limit_per_minute',
       'users.id as user_id',
       'users.email',
       'users.name as user_name',

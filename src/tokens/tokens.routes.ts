@@ -60,6 +60,7 @@ function issuerOf(auth: AuthContext): Issuer {
     environment: auth.token.environment,
     expiresAt: auth.token.expiresAt,
     allowedIps: auth.token.allowedIps,
+    rateLimitPerMinute: auth.token.rateLimitPerMinute,
   };
 }
 

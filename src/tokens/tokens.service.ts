@@ -30,6 +30,8 @@ export interface TokenResponse {
   allowed_ips: string[] | null;
   /** The admin's object for the upstream; handed on by forward auth. Never a secret. */
   metadata: Record<string, unknown> | null;
+  /** Requests a minute with this key, besides the user's limit; null: the user's limit only. */
+  rate_limit_per_minute: number | null;
   created_at: string;
   expires_at: string | null;
   revoked_at: string | null;
@@ -52,6 +54,7 @@ export interface MintInput {
   expires_at?: string;
   allowed_ips?: string[] | null;
   metadata?: Record<string, unknown> | null;
+  rate_limit_per_minute?: number | null;
 }
 
 export interface UpdateInput {
@@ -60,6 +63,7 @@ export interface UpdateInput {
   allowed_ips?: string[] | null;
   expires_at?: string | null;
   metadata?: Record<string, unknown> | null;
+  rate_limit_per_minute?: number | null;
 }
 
 /** A key's metadata travels in a header with every forwarded request: small and shallow. */
@@ -83,6 +87,8 @@ export type Issuer =
       environment: Environment;
       expiresAt: string | null;
       allowedIps: readonly string[] | null;
+      /** The calling key's own limit; null: none (the user's only). */
+      rateLimitPerMinute: number | null;
     };
 
 export const ADMIN: Issuer = { kind: 'admin' };
@@ -104,6 +110,7 @@ function auditedFields(row: TokenMetadataRow): Record<string, unknown> {
     scopes: parseScopes(row.scopes),
     expires_at: row.expires_at,
     allowed_ips: parseAllowedIps(row.allowed_ips),
+    rate_limit_per_minute: row.rate_limit_per_minute,
     // Not the content (the audit log is read by others than those who manage keys): that it changed.
     metadata: row.metadata === null ? null : { bytes: Buffer.byteLength(row.metadata), sha256: createHash('sha256').update(row.metadata).digest('hex').slice(0, 16) },
   };
@@ -140,6 +147,7 @@ export class TokensService {
       status: tokenStatus(row, now),
       allowed_ips: parseAllowedIps(row.allowed_ips),
       metadata: parseMetadata(row.metadata),
+      rate_limit_per_minute: row.rate_limit_per_minute,
       created_at: row.created_at,
       expires_at: row.expires_at,
       revoked_at: row.revoked_at,
@@ -164,9 +172,10 @@ export class TokensService {
       throw validationError([problem('metadata', 'is set by the admin API only: the services behind forward auth trust it')]);
     }
     const metadata = serializeMetadata(input.metadata);
+    const rateLimit = this.resolveRateLimit(input.rate_limit_per_minute, issuer);
 
     return this.insert(
-      { userId, name: input.name ?? null, scopes, environment, allowedIps, metadata, now, expiresAt },
+      { userId, name: input.name ?? null, scopes, environment, allowedIps, metadata, rateLimit, now, expiresAt },
       async (trx) => {
         await lockUserForUpdate(trx, userId);
         const active = await tokens.countActiveTokensOfUser(trx, userId, now.toISOString());
@@ -203,6 +212,10 @@ export class TokensService {
     if (issuer.kind === 'key' && issuer.allowedIps !== null && (allowedIps === null || !compiledAllowlist(JSON.stringify(issuer.allowedIps)).covers(allowedIps))) {
       throw new AppError(403, 'FORBIDDEN_IP', 'This token may be used from addresses this API key may not; it cannot rotate it.');
     }
+    // Nor a key allowed more requests than the caller: rotating it would hand the caller its secret.
+    if (issuer.kind === 'key' && issuer.rateLimitPerMinute !== null && (old.rate_limit_per_minute === null || old.rate_limit_per_minute > issuer.rateLimitPerMinute)) {
+      throw new AppError(403, 'INSUFFICIENT_SCOPE', `This token may make more requests a minute than this API key (${issuer.rateLimitPerMinute}); it cannot rotate it.`);
+    }
 
     let expiresMs = old.expires_at === null ? null : now.getTime() + (Date.parse(old.expires_at) - Date.parse(old.created_at));
     if (maxLifetimeSeconds !== null) expiresMs = Math.min(expiresMs ?? Infinity, now.getTime() + maxLifetimeSeconds * 1000);
@@ -218,6 +231,7 @@ export class TokensService {
         environment: old.environment,
         allowedIps,
         metadata: old.metadata,
+        rateLimit: old.rate_limit_per_minute,
         now,
         expiresAt: expiresMs === null ? null : new Date(expiresMs).toISOString(),
         rotatedFrom: old.id,
@@ -261,6 +275,7 @@ export class TokensService {
       patch.allowed_ips = allowed === null ? null : JSON.stringify(allowed);
     }
     if (input.metadata !== undefined) patch.metadata = serializeMetadata(input.metadata);
+    if (input.rate_limit_per_minute !== undefined) patch.rate_limit_per_minute = input.rate_limit_per_minute;
     if (input.expires_at !== undefined) {
       const cap = maxLifetimeSeconds === null ? null : Date.parse(row.created_at) + maxLifetimeSeconds * 1000;
       if (input.expires_at === null) {
@@ -335,6 +350,19 @@ export class TokensService {
     }
   }
 
+  /**
+   * A key's own limit. A key minting one never hands out more than it may do itself: at or below its
+   * own limit, which a new key without one inherits.
+   */
+  private resolveRateLimit(requested: number | null | undefined, issuer: Issuer): number | null {
+    const own = issuer.kind === 'key' ? issuer.rateLimitPerMinute : null;
+    if (requested === undefined) return own;
+    if (own === null) return requested;
+    if (requested === null) throw validationError([problem('rate_limit_per_minute', `cannot be null: this API key may make ${own} requests a minute, and keys it mints stay within it`)]);
+    if (requested > own) throw validationError([problem('rate_limit_per_minute', `must be at most ${own}, this API key's own limit`)]);
+    return requested;
+  }
+
   private resolveAllowlist(requested: string[] | null | undefined, issuer: Issuer): string[] | null {
     const inherited = issuer.kind === 'key' ? issuer.allowedIps : null;
     if (requested === undefined) return inherited === null ? null : [...inherited];
@@ -373,6 +401,7 @@ export class TokensService {
       environment: Environment;
       allowedIps: readonly string[] | null;
       metadata: string | null;
+      rateLimit: number | null;
       now: Date;
       expiresAt: string | null;
       rotatedFrom?: number;
@@ -402,6 +431,7 @@ export class TokensService {
             revoked_at: null,
             allowed_ips: token.allowedIps === null ? null : JSON.stringify(token.allowedIps),
             metadata: token.metadata,
+            rate_limit_per_minute: token.rateLimit,
             rotated_from: token.rotatedFrom ?? null,
           });
           await after?.(trx, inserted);

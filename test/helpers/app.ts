@@ -139,7 +139,7 @@ export async function mintToken(
   ctx: TestContext,
   userId: number,
   body?: Record<string, unknown>,
-): Promise<{ id: number; token: string; masked: string; scopes: string[]; expires_at: string | null; metadata: Record<string, unknown> | null }> {
+): Promise<{ id: number; token: string; masked: string; scopes: string[]; expires_at: string | null; metadata: Record<string, unknown> | null; rate_limit_per_minute: number | null }> {
   const req = request(ctx.app).post(`/admin/users/${userId}/tokens`).set(admin);
   const res = body === undefined ? await req : await req.send(body);
   if (res.status !== 201) throw new Error(`mintToken: ${res.status} ${JSON.stringify(res.body)}`);
