@@ -192,7 +192,7 @@ export function wireSecretPanel() {
 // ---- forms ----------------------------------------------------------------------------------------
 
 let fieldIds = 0;
-/** A labelled input (or select/textarea when `control` is given). */
+/** A labelled control (an input, a select or a textarea), with its hint tied to it. */
 export function field(label, input, hint) {
   const id = input.id || `f${++fieldIds}`;
   input.id = id;
