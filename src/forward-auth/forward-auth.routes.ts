@@ -32,9 +32,9 @@ export function forwardAuthHandlers(): Record<string, NodeHandler> {
       res.setHeader('X-Keyward-Token-Id', String(token.id));
       res.setHeader('X-Keyward-Scopes', token.scopes.join(' '));
       res.setHeader('X-Keyward-Environment', token.environment);
-      // Always sent, empty when the user has none: Caddy's copy_headers passes a header missing from
-      // the answer on as its unresolved placeholder ("{http.reverse_proxy.header.…}"), which a service
-      // would take for an id. An empty one nginx drops, and Caddy and Traefik pass on empty.
+      // These two are always sent, empty when there is none: Caddy's copy_headers passes a header
+      // missing from the answer on as its unresolved placeholder ("{http.reverse_proxy.header.…}"),
+      // which a service would take for a value. An empty one nginx drops, and Caddy and Traefik pass on empty.
       res.setHeader('X-Keyward-External-Id', user.externalId ?? '');
       // The key's metadata as one header: base64url of its JSON, so any object survives a header.
       res.setHeader('X-Keyward-Token-Metadata', token.metadataJson === null ? '' : Buffer.from(token.metadataJson).toString('base64url'));

@@ -15,8 +15,8 @@ function setHeaders(res: ServerResponse, limit: number, window: Window): void {
 }
 
 /**
- * The three limits: a user's requests a minute on /v1, an address's on /admin, and the wrong keys an
- * address may send. The counting happens in RATE_LIMIT_STORE (counters.ts): this process's memory, or
+ * The limits: a user's requests a minute on /v1 (and a key's, where it has one of its own), an
+ * address's on /admin, and the wrong keys an address may send. The counting happens in RATE_LIMIT_STORE (counters.ts): this process's memory, or
  * a store every instance shares, so that N instances together admit the limit once.
  */
 export class RateLimits {
