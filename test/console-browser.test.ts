@@ -5,7 +5,8 @@ import { existsSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { type Browser, type BrowserContext, chromium, type Page } from 'playwright-core';
+import type { Browser, BrowserContext, Page } from 'playwright-core';
+import { type InPage, launchChromium, reportCspViolations } from './helpers/browser';
 import { freePort, keywardEnv, NGINX, startNginx, stopProcess, waitForHttp } from './helpers/gateway';
 import { assertBuilt, makeTempDir, REPO_ROOT, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
@@ -18,9 +19,6 @@ import { assertBuilt, makeTempDir, REPO_ROOT, removeTempDirs, startServer, stopA
  */
 
 const run = promisify(execFile);
-const CHROMIUM = '/usr/bin/chromium';
-/** The browser globals the in-page callbacks use (this project compiles without the DOM lib). */
-type InPage = { document: any; window: any; navigator: any; __keywardCspViolation(text: string): void };
 const ADMIN_KEY = randomBytes(32).toString('hex');
 const ADMIN = { email: 'grace@example.com', user: 'oidc|grace-01', username: 'grace', groups: 'staff,keyward-admins' };
 const OUTSIDER = { email: 'mallory@example.com', user: 'oidc|mallory-01', username: 'mallory', groups: 'staff' };
@@ -111,7 +109,6 @@ const shot = (name: string) => (process.env.UPDATE_SCREENSHOTS === '1' ? join(RE
 
 beforeAll(async () => {
   assertBuilt();
-  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: apt-get install -y chromium (.ci/run does this)`);
   if (!existsSync(NGINX)) throw new Error(`${NGINX} is missing: apt-get install -y nginx-light (.ci/run does this)`);
   const dir = makeTempDir('console');
   const sso = { SSO_TRUSTED_PROXIES: '127.0.0.1', SSO_ADMIN_GROUPS: 'keyward-admins' };
@@ -139,19 +136,10 @@ beforeAll(async () => {
   });
   expect(seeded.status).toBe(201);
 
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic', '--no-first-run', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launchChromium();
   context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: base.admin });
-  await context.exposeBinding('__keywardCspViolation', (_source, text: string) => problems.push(`CSP violation: ${text}`));
-  await context.addInitScript(() => {
-    const w = globalThis as unknown as InPage;
-    w.document.addEventListener('securitypolicyviolation', (e: { violatedDirective: string; blockedURI: string }) => {
-      w.__keywardCspViolation(`${e.violatedDirective} ${e.blockedURI}`);
-    });
-  });
+  await reportCspViolations(context, problems);
   page = await watch(await context.newPage());
 }, 60_000);
 

@@ -3,7 +3,8 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { type Browser, type BrowserContext, chromium, type Page } from 'playwright-core';
+import type { Browser, BrowserContext, Page } from 'playwright-core';
+import { type InPage, launchChromium, reportCspViolations } from './helpers/browser';
 import { freePort, keywardEnv, NGINX, startNginx, stopProcess, waitForHttp } from './helpers/gateway';
 import { assertBuilt, makeTempDir, REPO_ROOT, removeTempDirs, startServer, stopAllServers, type ServerProcess } from './helpers/server-process';
 
@@ -13,9 +14,6 @@ import { assertBuilt, makeTempDir, REPO_ROOT, removeTempDirs, startServer, stopA
  * built server. The page must work under keyward's CSP, show a new key once, and revoke it.
  */
 
-const CHROMIUM = '/usr/bin/chromium';
-/** The browser globals the in-page callbacks use (this project compiles without the DOM lib). */
-type InPage = { document: any; window: any; navigator: any; __keywardCspViolation(text: string): void };
 type Field = { value: string };
 const ADMIN_KEY = randomBytes(32).toString('hex');
 const PERSON = { email: 'ada@example.com', user: 'oidc|ada-0001', username: 'ada', groups: 'staff,engineering' };
@@ -74,7 +72,6 @@ function nginxSites(ports: { proxy: number; hostOnly: number; foreign: number },
 
 beforeAll(async () => {
   assertBuilt();
-  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: apt-get install -y chromium (.ci/run does this)`);
   if (!existsSync(NGINX)) throw new Error(`${NGINX} is missing: apt-get install -y nginx-light (.ci/run does this)`);
   const dir = makeTempDir('sso-page');
   keyward = await startServer({ env: keywardEnv(dir, ADMIN_KEY, { SSO_TRUSTED_PROXIES: '127.0.0.1', SSO_AUTO_PROVISION: 'on' }) });
@@ -91,21 +88,11 @@ beforeAll(async () => {
   await waitForHttp(proxyBase + '/healthz', nginxLog);
   await waitForHttp(foreignBase + '/', nginxLog);
 
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic', '--no-first-run', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launchChromium();
   context = await browser.newContext({ viewport: { width: 1000, height: 700 } });
   await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: proxyBase });
   await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: hostOnlyBase });
-  // Every CSP violation on any page of the context, reported by the browser itself.
-  await context.exposeBinding('__keywardCspViolation', (_source, text: string) => problems.push(`CSP violation: ${text}`));
-  await context.addInitScript(() => {
-    const w = globalThis as unknown as InPage;
-    w.document.addEventListener('securitypolicyviolation', (e: { violatedDirective: string; blockedURI: string }) => {
-      w.__keywardCspViolation(`${e.violatedDirective} ${e.blockedURI}`);
-    });
-  });
+  await reportCspViolations(context, problems);
   page = await context.newPage();
   page.on('console', (m) => {
     if (m.type() === 'error' && /Content[ -]Security[ -]Policy/i.test(m.text())) problems.push(m.text());
