@@ -87,7 +87,9 @@ describe('minting, listing and revoking admin keys', () => {
     expect(root.headers['x-keyward-admin-scopes']).toBe(ADMIN_SCOPES.join(' '));
     // No credential, a wrong one: nothing to name.
     expect((await request(ctx.app).get('/admin/users')).headers['x-keyward-admin-scopes']).toBeUndefined();
-    expect((await request(ctx.app).get('/admin/users').set(asKey(`${key.slice(0, -1)}x`))).headers['x-keyward-admin-scopes']).toBeUndefined();
+    // A different last character (a key ending in x stays itself with another x).
+    const wrong = `${key.slice(0, -1)}${key.endsWith('x') ? 'y' : 'x'}`;
+    expect((await request(ctx.app).get('/admin/users').set(asKey(wrong))).headers['x-keyward-admin-scopes']).toBeUndefined();
     // Never on the user API.
     const user = await createUser(ctx);
     const token = await mintToken(ctx, user.id);
